@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['SO']
 
-# %% ../nbs/04_optim.ipynb #b5704f56
+# %% ../nbs/04_optim.ipynb #fb125742
 import math, warnings, torch
 from torch.optim import Optimizer
 from fastcore.basics import patch
 from .sampling import randperm_support, fast_support
 
-# %% ../nbs/04_optim.ipynb #667369c2
+# %% ../nbs/04_optim.ipynb #0f34834c
 _SAMPLERS = {'randperm': randperm_support, 'fast': fast_support}
 
 def _check(ok, name, value, accepted):
@@ -27,7 +27,7 @@ def _validate_group(g):
     _check(isinstance(g['T'], int) and not isinstance(g['T'], bool) and g['T'] >= 1, 'T', g['T'], 'a positive integer')
     _check(g['sampler'] in _SAMPLERS, 'sampler', g['sampler'], ' or '.join(map(repr, _SAMPLERS)))
 
-# %% ../nbs/04_optim.ipynb #eeacb16c
+# %% ../nbs/04_optim.ipynb #41735d6e
 class SO(Optimizer):
     "Sparse Optimization: Adam on a random gradient support S (redrawn every T steps) and a top-|m| moment support M."
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -49,32 +49,36 @@ class SO(Optimizer):
         super().add_param_group(param_group)
         _validate_group(self.param_groups[-1])
 
-# %% ../nbs/04_optim.ipynb #903d4ad0
+# %% ../nbs/04_optim.ipynb #46f782ba
 @patch
 def _draw(self:SO, n, k, group, device):
     "A fresh sorted gradient support: k distinct flat indices out of n."
     return _SAMPLERS[group['sampler']](n, k, device=device, generator=self._generator).sort().values
 
-# %% ../nbs/04_optim.ipynb #78a26b1e
+# %% ../nbs/04_optim.ipynb #ee84fe7a
 def _merge(M, S):
-    "Slots `cat(M, S)` with masks: `in_S` (the slot reads a gradient) and `live` (the slot is a real candidate)."
+    "Candidates `cat(M, S)` in index order, with the slot order and the masks `in_S` (reads a gradient) and `live`."
     k = S.numel()
-    pos = torch.searchsorted(S, M).clamp_(max=k - 1)
-    hit = S[pos] == M  # this M slot is also in S: it takes the gradient
-    dead = torch.zeros(k, dtype=torch.int32, device=S.device).index_add_(0, pos, hit.int()) > 0
-    in_S = torch.cat([hit, ~dead])
-    live = torch.cat([torch.ones_like(hit), ~dead])
-    return torch.cat([M, S]), in_S, live
+    both = torch.cat([M, S])
+    order = both.argsort(stable=True)
+    idx = both.index_select(0, order)
+    twin = idx[1:] == idx[:-1]  # an M copy followed by its S copy
+    no = twin.new_zeros(1)
+    live, has_twin = ~torch.cat([no, twin]), torch.cat([twin, no])
+    in_S = ((order >= k) & live) | has_twin
+    return idx, order, in_S, live
 
-# %% ../nbs/04_optim.ipynb #6076da3b
-def _prune(idx, m, live, k):
-    "Positions of the k live slots with the largest |m|, ties to the smaller index, in increasing index order."
-    score = torch.where(live, m.abs(), -1.0)
-    order = idx.argsort()
-    best = score[order].sort(descending=True, stable=True).indices[:k]
-    return order[best.sort().values]
+# %% ../nbs/04_optim.ipynb #4067b930
+def _prune(score, k):
+    "Positions of the k largest scores (ties to the earlier slot), in slot order, with fixed shapes."
+    tau = score.kthvalue(score.numel() - k + 1).values  # the k-th largest
+    above, at = score > tau, score == tau
+    keep = above | (at & (at.cumsum(0) <= k - above.sum()))
+    slot = torch.where(keep, keep.cumsum(0) - 1, k)
+    return torch.empty(k + 1, dtype=torch.int64, device=score.device).scatter_(
+        0, slot, torch.arange(score.numel(), device=score.device))[:k]
 
-# %% ../nbs/04_optim.ipynb #ab795f0a
+# %% ../nbs/04_optim.ipynb #18b149e6
 def _moment_dtype(p): return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 @patch
@@ -85,29 +89,26 @@ def _sparse_step(self:SO, p, group):
     if not p.is_contiguous(): raise ValueError(f"SO needs contiguous parameters; got a non-contiguous {tuple(p.shape)} tensor")
     st, dt, flat = self.state[p], _moment_dtype(p), p.view(-1)
     if not st:
-        st.update(step=torch.tensor(0, dtype=torch.int64), grad_support=flat.new_zeros(0, dtype=torch.int64),
-                  moment_support=flat.new_zeros(k, dtype=torch.int64), exp_avg=flat.new_zeros(k, dtype=dt),
-                  exp_avg_sq=flat.new_zeros(k, dtype=dt))
+        st.update(step=torch.tensor(0, dtype=torch.int64), exp_avg=flat.new_zeros(k, dtype=dt), exp_avg_sq=flat.new_zeros(k, dtype=dt))
     st['step'] += 1; t = int(st['step'])
     (b1, b2), lr, eps, wd = group['betas'], group['lr'], group['eps'], group['weight_decay']
     if (t - 1) % group['T'] == 0:
         st['grad_support'] = self._draw(n, k, group, p.device)
         if t == 1: st['moment_support'] = st['grad_support'].clone()  # M := S on the first step
-    idx, in_S, live = _merge(st['moment_support'], st['grad_support'])
-    g = p.grad.reshape(-1)[idx].to(dt)
-    if wd: g = g + flat[idx].to(dt) * wd
+    idx, order, in_S, live = _merge(st['moment_support'], st['grad_support'])
+    g = p.grad.reshape(-1).index_select(0, idx).to(dt)
+    if wd: g = g + flat.index_select(0, idx).to(dt) * wd
     g = torch.where(in_S, g, 0.0)
     zeros = torch.zeros(k, dtype=dt, device=p.device)
-    m = torch.cat([st['exp_avg'], zeros]) * b1 + g * (1 - b1)
-    v = torch.cat([st['exp_avg_sq'], zeros]) * b2 + (g * g) * (1 - b2)
-    m, v = torch.where(live, m, 0.0), torch.where(live, v, 0.0)
+    m = torch.cat([st['exp_avg'], zeros]).index_select(0, order) * b1 + g * (1 - b1)
+    v = torch.cat([st['exp_avg_sq'], zeros]).index_select(0, order) * b2 + (g * g) * (1 - b2)
     denom = (v / (1 - b2 ** t)).sqrt() + eps
-    flat.index_add_(0, idx, ((m / denom) * -(lr / (1 - b1 ** t))).to(p.dtype))
-    keep = _prune(idx, m, live, k)
+    flat.scatter_add_(0, idx, ((m / denom) * -(lr / (1 - b1 ** t))).to(p.dtype))
+    keep = _prune(torch.where(live, m.abs(), -1.0), k)
     if group['track']: self._track(st, idx, m, live, keep, n)
-    st['moment_support'], st['exp_avg'], st['exp_avg_sq'] = idx[keep], m[keep], v[keep]
+    st['moment_support'], st['exp_avg'], st['exp_avg_sq'] = (x.index_select(0, keep) for x in (idx, m, v))
 
-# %% ../nbs/04_optim.ipynb #68a47770
+# %% ../nbs/04_optim.ipynb #aa1d294b
 @patch
 def _warn_k0(self:SO, p, group):
     "Warn once per optimizer that tensors with k = 0 are left unchanged."
@@ -117,7 +118,7 @@ def _warn_k0(self:SO, p, group):
                       "group with 'dense': True or a larger density_ratio to train them.")
         self._warned_k0 = True
 
-# %% ../nbs/04_optim.ipynb #b462bf19
+# %% ../nbs/04_optim.ipynb #5b8df6dd
 @patch
 def _track(self:SO, st, idx, m, live, keep, n):
     "Record the changed coordinates and the last evictions (only when the group has track=True)."
@@ -136,7 +137,7 @@ def support(self:SO, p):
                 moment_abs=st['exp_avg'].abs(), changed=st.get('changed'),
                 evicted=st.get('evicted'), evicted_abs=st.get('evicted_abs'))
 
-# %% ../nbs/04_optim.ipynb #b7694ee2
+# %% ../nbs/04_optim.ipynb #dc55f0ed
 @patch
 def _dense_step(self:SO, p, group):
     "Adam with L2 weight decay on every entry of `p`."
@@ -152,7 +153,7 @@ def _dense_step(self:SO, p, group):
     upd = (m_hat / ((v / (1 - b2 ** t)).sqrt() + eps)) * -(lr / (1 - b1 ** t))
     p.add_(upd.to(p.dtype))
 
-# %% ../nbs/04_optim.ipynb #eb4ddc8c
+# %% ../nbs/04_optim.ipynb #9422325a
 @patch
 @torch.no_grad()
 def step(self:SO, closure=None):
@@ -172,7 +173,7 @@ def step(self:SO, closure=None):
                 p.grad = None
     return loss
 
-# %% ../nbs/04_optim.ipynb #47726d98
+# %% ../nbs/04_optim.ipynb #65d6aa2b
 @patch
 def state_dict(self:SO):
     "The torch optimizer state dict, plus the state of a private support generator."
