@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['SO']
 
-# %% ../nbs/04_optim.ipynb #fb125742
+# %% ../nbs/04_optim.ipynb #cc2e9d25
 import math, warnings, torch
 from torch.optim import Optimizer
 from fastcore.basics import patch
 from .sampling import randperm_support, fast_support
 
-# %% ../nbs/04_optim.ipynb #0f34834c
+# %% ../nbs/04_optim.ipynb #6d44594c
 _SAMPLERS = {'randperm': randperm_support, 'fast': fast_support}
 
 def _check(ok, name, value, accepted):
@@ -27,9 +27,10 @@ def _validate_group(g):
     _check(isinstance(g['T'], int) and not isinstance(g['T'], bool) and g['T'] >= 1, 'T', g['T'], 'a positive integer')
     _check(g['sampler'] in _SAMPLERS, 'sampler', g['sampler'], ' or '.join(map(repr, _SAMPLERS)))
 
-# %% ../nbs/04_optim.ipynb #41735d6e
+# %% ../nbs/04_optim.ipynb #1eb84fea
 class SO(Optimizer):
     "Sparse Optimization: Adam on a random gradient support S (redrawn every T steps) and a top-|m| moment support M."
+    _batched = True  # step all sparse tensors of a group together (see "One pass over all tensors")
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  density_ratio=5e-4, # fraction of each sparse tensor's entries kept: k = floor(numel * density_ratio)
                  T=10, # refresh period of the gradient support, in steps
@@ -41,7 +42,7 @@ class SO(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, density_ratio=density_ratio,
                         T=T, sampler=sampler, dense=dense, legacy_dense_bias_correction=legacy_dense_bias_correction,
                         track=track)
-        self._generator, self._warned_k0 = generator, False
+        self._generator, self._warned_k0, self._packs = generator, False, {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -49,13 +50,13 @@ class SO(Optimizer):
         super().add_param_group(param_group)
         _validate_group(self.param_groups[-1])
 
-# %% ../nbs/04_optim.ipynb #46f782ba
+# %% ../nbs/04_optim.ipynb #01908fd4
 @patch
 def _draw(self:SO, n, k, group, device):
     "A fresh sorted gradient support: k distinct flat indices out of n."
     return _SAMPLERS[group['sampler']](n, k, device=device, generator=self._generator).sort().values
 
-# %% ../nbs/04_optim.ipynb #ee84fe7a
+# %% ../nbs/04_optim.ipynb #ebdc4722
 def _merge(M, S):
     "Candidates `cat(M, S)` in index order, with the slot order and the masks `in_S` (reads a gradient) and `live`."
     k = S.numel()
@@ -68,7 +69,7 @@ def _merge(M, S):
     in_S = ((order >= k) & live) | has_twin
     return idx, order, in_S, live
 
-# %% ../nbs/04_optim.ipynb #4067b930
+# %% ../nbs/04_optim.ipynb #4aa9079f
 def _prune(score, k):
     "Positions of the k largest scores (ties to the earlier slot), in slot order, with fixed shapes."
     tau = score.kthvalue(score.numel() - k + 1).values  # the k-th largest
@@ -78,23 +79,30 @@ def _prune(score, k):
     return torch.empty(k + 1, dtype=torch.int64, device=score.device).scatter_(
         0, slot, torch.arange(score.numel(), device=score.device))[:k]
 
-# %% ../nbs/04_optim.ipynb #18b149e6
+# %% ../nbs/04_optim.ipynb #1c9f901a
 def _moment_dtype(p): return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 @patch
-def _sparse_step(self:SO, p, group):
-    "One SO step on one tensor, following the reference box line by line."
+def _begin(self:SO, p, group):
+    "Bookkeeping before the math: lazy state, step count, support refresh. Returns k (0 means skip)."
     n = p.numel(); k = int(n * group['density_ratio'])
-    if k == 0: return self._warn_k0(p, group)
+    if k == 0: self._warn_k0(p, group); return 0
     if not p.is_contiguous(): raise ValueError(f"SO needs contiguous parameters; got a non-contiguous {tuple(p.shape)} tensor")
-    st, dt, flat = self.state[p], _moment_dtype(p), p.view(-1)
+    st, dt = self.state[p], _moment_dtype(p)
     if not st:
-        st.update(step=torch.tensor(0, dtype=torch.int64), exp_avg=flat.new_zeros(k, dtype=dt), exp_avg_sq=flat.new_zeros(k, dtype=dt))
-    st['step'] += 1; t = int(st['step'])
+        st.update(step=torch.tensor(0, dtype=torch.int64), exp_avg=p.new_zeros(k, dtype=dt), exp_avg_sq=p.new_zeros(k, dtype=dt))
+    st['step'] += 1
+    if (int(st['step']) - 1) % group['T'] == 0:
+        S = self._draw(n, k, group, p.device)
+        if 'grad_support' in st: st['grad_support'].copy_(S)  # in place, see "One pass over all tensors"
+        else: st['grad_support'], st['moment_support'] = S, S.clone()  # M := S on the first step
+    return k
+
+@patch
+def _sparse_step(self:SO, p, group, k):
+    "The math of one SO step on one tensor, following the reference box line by line."
+    st, dt, flat, t = self.state[p], _moment_dtype(p), p.view(-1), int(self.state[p]['step'])
     (b1, b2), lr, eps, wd = group['betas'], group['lr'], group['eps'], group['weight_decay']
-    if (t - 1) % group['T'] == 0:
-        st['grad_support'] = self._draw(n, k, group, p.device)
-        if t == 1: st['moment_support'] = st['grad_support'].clone()  # M := S on the first step
     idx, order, in_S, live = _merge(st['moment_support'], st['grad_support'])
     g = p.grad.reshape(-1).index_select(0, idx).to(dt)
     if wd: g = g + flat.index_select(0, idx).to(dt) * wd
@@ -105,10 +113,10 @@ def _sparse_step(self:SO, p, group):
     denom = (v / (1 - b2 ** t)).sqrt() + eps
     flat.scatter_add_(0, idx, ((m / denom) * -(lr / (1 - b1 ** t))).to(p.dtype))
     keep = _prune(torch.where(live, m.abs(), -1.0), k)
-    if group['track']: self._track(st, idx, m, live, keep, n)
+    if group['track']: self._track(st, idx, m, live, keep, p.numel())
     st['moment_support'], st['exp_avg'], st['exp_avg_sq'] = (x.index_select(0, keep) for x in (idx, m, v))
 
-# %% ../nbs/04_optim.ipynb #aa1d294b
+# %% ../nbs/04_optim.ipynb #facf36c3
 @patch
 def _warn_k0(self:SO, p, group):
     "Warn once per optimizer that tensors with k = 0 are left unchanged."
@@ -118,7 +126,7 @@ def _warn_k0(self:SO, p, group):
                       "group with 'dense': True or a larger density_ratio to train them.")
         self._warned_k0 = True
 
-# %% ../nbs/04_optim.ipynb #5b8df6dd
+# %% ../nbs/04_optim.ipynb #fc6939dc
 @patch
 def _track(self:SO, st, idx, m, live, keep, n):
     "Record the changed coordinates and the last evictions (only when the group has track=True)."
@@ -137,7 +145,7 @@ def support(self:SO, p):
                 moment_abs=st['exp_avg'].abs(), changed=st.get('changed'),
                 evicted=st.get('evicted'), evicted_abs=st.get('evicted_abs'))
 
-# %% ../nbs/04_optim.ipynb #dc55f0ed
+# %% ../nbs/04_optim.ipynb #cb6217bc
 @patch
 def _dense_step(self:SO, p, group):
     "Adam with L2 weight decay on every entry of `p`."
@@ -153,7 +161,85 @@ def _dense_step(self:SO, p, group):
     upd = (m_hat / ((v / (1 - b2 ** t)).sqrt() + eps)) * -(lr / (1 - b1 ** t))
     p.add_(upd.to(p.dtype))
 
-# %% ../nbs/04_optim.ipynb #9422325a
+# %% ../nbs/04_optim.ipynb #81ec9454
+class _Pack:
+    "Packed state of the sparse tensors of one group: views `state[p][key] = buf[a:a+k]`."
+    KEYS = ('moment_support', 'grad_support', 'exp_avg', 'exp_avg_sq')
+    def __init__(self, opt, ps):
+        self.ps, sts = list(ps), [opt.state[p] for p in ps]
+        self.ks = [st['exp_avg'].numel() for st in sts]
+        dev, ks = ps[0].device, torch.tensor(self.ks, device=ps[0].device)
+        offs = torch.tensor([0] + [p.numel() for p in ps[:-1]], device=dev).cumsum(0)
+        self.K, self.k2 = sum(self.ks), [2 * k for k in self.ks]
+        self.ks_t, self.off = ks, offs.repeat_interleave(ks)
+        self.seg2 = torch.arange(len(ps), device=dev).repeat_interleave(2 * ks)
+        self.off2, self.ends2 = offs.index_select(0, self.seg2), (2 * ks).cumsum(0) - 1
+        self.bufs = {key: torch.cat([st[key] for st in sts]) for key in self.KEYS}
+        for st, a, k in zip(sts, [0] + list(torch.tensor(self.ks).cumsum(0)[:-1].tolist()), self.ks):
+            for key, buf in self.bufs.items(): st[key] = buf[a:a + k]
+
+    def valid(self, opt, ps):
+        "Do the state entries of exactly these params still point into the buffers?"
+        if len(ps) != len(self.ps) or any(p is not q for p, q in zip(ps, self.ps)): return False
+        return all(opt.state[p]['exp_avg']._base is self.bufs['exp_avg'] for p in ps)
+
+def _seg_excl(cs, ends):
+    "Per segment, the running total `cs` reached before the segment starts."
+    tot = cs.index_select(0, ends)
+    return torch.cat([tot.new_zeros(1), tot[:-1]]), tot
+
+# %% ../nbs/04_optim.ipynb #1e9f5d37
+@patch
+def _sparse_group(self:SO, group, ps):
+    "The math of one SO step for all tensors `ps` of a group at once, identical to `_sparse_step` per tensor."
+    pk = self._packs.get(id(group))
+    if pk is None or not pk.valid(self, ps): pk = self._packs[id(group)] = _Pack(self, ps)
+    B, K = pk.bufs, pk.K
+    dt = B['exp_avg'].dtype
+    (b1, b2), lr, eps, wd = group['betas'], group['lr'], group['eps'], group['weight_decay']
+    ts = [int(self.state[p]['step']) for p in ps]
+    if len(set(ts)) == 1: bc2, step = 1 - b2 ** ts[0], -(lr / (1 - b1 ** ts[0]))
+    else:  # tensors skipped on some steps have their own step counts
+        per = lambda xs: torch.tensor(xs, dtype=dt, device=pk.off.device).index_select(0, pk.seg2)
+        bc2, step = per([1 - b2 ** t for t in ts]), per([-(lr / (1 - b1 ** t)) for t in ts])
+    both = torch.cat([B['moment_support'] + pk.off, B['grad_support'] + pk.off])
+    order = both.argsort(stable=True)
+    idx = both.index_select(0, order)
+    twin = idx[1:] == idx[:-1]; no = twin.new_zeros(1)
+    live, has_twin = ~torch.cat([no, twin]), torch.cat([twin, no])
+    in_S = ((order >= K) & live) | has_twin
+    locs = (idx - pk.off2).split(pk.k2)
+    g = torch.cat([p.grad.reshape(-1).index_select(0, l) for p, l in zip(ps, locs)]).to(dt)
+    if wd: g = g + torch.cat([p.view(-1).index_select(0, l) for p, l in zip(ps, locs)]).to(dt) * wd
+    g = torch.where(in_S, g, 0.0)
+    zeros = torch.zeros(K, dtype=dt, device=g.device)
+    m = torch.cat([B['exp_avg'], zeros]).index_select(0, order) * b1 + g * (1 - b1)
+    v = torch.cat([B['exp_avg_sq'], zeros]).index_select(0, order) * b2 + (g * g) * (1 - b2)
+    delta = (m / ((v / bc2).sqrt() + eps)) * step
+    for p, l, d in zip(ps, locs, delta.split(pk.k2)): p.view(-1).scatter_add_(0, l, d.to(p.dtype))
+    keep = _prune_segments(torch.where(live, m.abs(), -1.0), pk)
+    B['moment_support'].copy_(idx.index_select(0, keep) - pk.off)
+    B['exp_avg'].copy_(m.index_select(0, keep)); B['exp_avg_sq'].copy_(v.index_select(0, keep))
+
+# %% ../nbs/04_optim.ipynb #44ddad9f
+def _prune_segments(score, pk):
+    "`_prune` on every segment of `score` at once: positions of the kept slots, segment by segment."
+    taus = torch.stack([s.kthvalue(s.numel() - k + 1).values for s, k in zip(score.split(pk.k2), pk.ks)])
+    tau = taus.index_select(0, pk.seg2)
+    above, at = score > tau, score == tau
+    cs_above, cs_at = above.cumsum(0), at.cumsum(0)
+    before, total = _seg_excl(cs_above, pk.ends2)
+    need = (pk.ks_t - (total - before)).index_select(0, pk.seg2)
+    at_before, _ = _seg_excl(cs_at, pk.ends2)
+    keep = above | (at & (cs_at - at_before.index_select(0, pk.seg2) <= need))
+    slot = torch.where(keep, keep.cumsum(0) - 1, pk.K)
+    return torch.empty(pk.K + 1, dtype=torch.int64, device=score.device).scatter_(
+        0, slot, torch.arange(score.numel(), device=score.device))[:pk.K]
+
+# %% ../nbs/04_optim.ipynb #81c98914
+def _packable(ps):
+    return len(ps) > 1 and len({(p.device, _moment_dtype(p)) for p in ps}) == 1
+
 @patch
 @torch.no_grad()
 def step(self:SO, closure=None):
@@ -162,18 +248,25 @@ def step(self:SO, closure=None):
     if closure is not None:
         with torch.enable_grad(): loss = closure()
     for group in self.param_groups:
-        for p in group['params']:
-            if p.grad is None: continue
+        ps = [p for p in group['params'] if p.grad is not None]
+        for p in ps:
             if p.grad.is_sparse:
                 raise ValueError("SO does not support sparse-layout gradients (torch.sparse); "
                                  "use dense gradients, e.g. nn.Embedding(..., sparse=False)")
-            if group['dense']: self._dense_step(p, group)
-            else:
-                self._sparse_step(p, group)
-                p.grad = None
+        if group['dense']:
+            for p in ps: self._dense_step(p, group)
+            continue
+        ks = [self._begin(p, group) for p in ps]
+        todo = [(p, k) for p, k in zip(ps, ks) if k]
+        everyone = len(todo) == sum(1 for p in group['params'] if int(p.numel() * group['density_ratio']))
+        if self._batched and everyone and not group['track'] and _packable([p for p, _ in todo]):
+            self._sparse_group(group, [p for p, _ in todo])
+        else:
+            for p, k in todo: self._sparse_step(p, group, k)
+        for p in ps: p.grad = None
     return loss
 
-# %% ../nbs/04_optim.ipynb #65d6aa2b
+# %% ../nbs/04_optim.ipynb #def7c5e0
 @patch
 def state_dict(self:SO):
     "The torch optimizer state dict, plus the state of a private support generator."
@@ -188,6 +281,7 @@ def load_state_dict(self:SO, state_dict):
     gen_state = state_dict.pop('so_generator_state', None)
     saved_ids = [i for g in state_dict['param_groups'] for i in g['params']]
     super(SO, self).load_state_dict(state_dict)
+    self._packs = {}
     params = [p for g in self.param_groups for p in g['params']]
     for i, p in zip(saved_ids, params):
         for key, val in state_dict['state'].get(i, {}).items():
