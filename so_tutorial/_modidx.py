@@ -62,4 +62,12 @@ d = { 'settings': { 'branch': 'main',
                                       'so_tutorial.sampling.fast_support': ( 'sparse_gradients.html#fast_support',
                                                                              'so_tutorial/sampling.py'),
                                       'so_tutorial.sampling.randperm_support': ( 'sparse_gradients.html#randperm_support',
-                                                                                 'so_tutorial/sampling.py')}}}
+                                                                                 'so_tutorial/sampling.py')},
+            'so_tutorial.sweep': { 'so_tutorial.sweep._alive': ('sweep.html#_alive', 'so_tutorial/sweep.py'),
+                                   'so_tutorial.sweep.claim': ('sweep.html#claim', 'so_tutorial/sweep.py'),
+                                   'so_tutorial.sweep.finish_run': ('sweep.html#finish_run', 'so_tutorial/sweep.py'),
+                                   'so_tutorial.sweep.load_results': ('sweep.html#load_results', 'so_tutorial/sweep.py'),
+                                   'so_tutorial.sweep.parse_shard': ('sweep.html#parse_shard', 'so_tutorial/sweep.py'),
+                                   'so_tutorial.sweep.release': ('sweep.html#release', 'so_tutorial/sweep.py'),
+                                   'so_tutorial.sweep.result_exists': ('sweep.html#result_exists', 'so_tutorial/sweep.py'),
+                                   'so_tutorial.sweep.run_grid': ('sweep.html#run_grid', 'so_tutorial/sweep.py')}}}
