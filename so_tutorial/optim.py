@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['SO']
 
-# %% ../nbs/04_optim.ipynb #cc2e9d25
+# %% ../nbs/04_optim.ipynb #f5c327ed
 import math, warnings, torch
 from torch.optim import Optimizer
 from fastcore.basics import patch
 from .sampling import randperm_support, fast_support
 
-# %% ../nbs/04_optim.ipynb #6d44594c
+# %% ../nbs/04_optim.ipynb #01d51b85
 _SAMPLERS = {'randperm': randperm_support, 'fast': fast_support}
 
 def _check(ok, name, value, accepted):
@@ -27,7 +27,7 @@ def _validate_group(g):
     _check(isinstance(g['T'], int) and not isinstance(g['T'], bool) and g['T'] >= 1, 'T', g['T'], 'a positive integer')
     _check(g['sampler'] in _SAMPLERS, 'sampler', g['sampler'], ' or '.join(map(repr, _SAMPLERS)))
 
-# %% ../nbs/04_optim.ipynb #1eb84fea
+# %% ../nbs/04_optim.ipynb #08ada4db
 class SO(Optimizer):
     "Sparse Optimization: Adam on a random gradient support S (redrawn every T steps) and a top-|m| moment support M."
     _batched = True  # step all sparse tensors of a group together (see "One pass over all tensors")
@@ -43,6 +43,8 @@ class SO(Optimizer):
                         T=T, sampler=sampler, dense=dense, legacy_dense_bias_correction=legacy_dense_bias_correction,
                         track=track)
         self._generator, self._warned_k0, self._packs = generator, False, {}
+        self._sparse_grads, self._drawn = {}, {}  # gradients delivered at S by a sparse backward; step a support was drawn for
+        self._prepared = False  # supports of the coming step already drawn (prepare_supports)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -50,13 +52,13 @@ class SO(Optimizer):
         super().add_param_group(param_group)
         _validate_group(self.param_groups[-1])
 
-# %% ../nbs/04_optim.ipynb #01908fd4
+# %% ../nbs/04_optim.ipynb #9910f0bd
 @patch
 def _draw(self:SO, n, k, group, device):
     "A fresh sorted gradient support: k distinct flat indices out of n."
     return _SAMPLERS[group['sampler']](n, k, device=device, generator=self._generator).sort().values
 
-# %% ../nbs/04_optim.ipynb #ebdc4722
+# %% ../nbs/04_optim.ipynb #19bf4b67
 def _merge(M, S):
     "Candidates `cat(M, S)` in index order, with the slot order and the masks `in_S` (reads a gradient) and `live`."
     k = S.numel()
@@ -69,7 +71,7 @@ def _merge(M, S):
     in_S = ((order >= k) & live) | has_twin
     return idx, order, in_S, live
 
-# %% ../nbs/04_optim.ipynb #4aa9079f
+# %% ../nbs/04_optim.ipynb #dc4b0cf6
 def _prune(score, k):
     "Positions of the k largest scores (ties to the earlier slot), in slot order, with fixed shapes."
     tau = score.kthvalue(score.numel() - k + 1).values  # the k-th largest
@@ -79,7 +81,7 @@ def _prune(score, k):
     return torch.empty(k + 1, dtype=torch.int64, device=score.device).scatter_(
         0, slot, torch.arange(score.numel(), device=score.device))[:k]
 
-# %% ../nbs/04_optim.ipynb #1c9f901a
+# %% ../nbs/04_optim.ipynb #6077f9b4
 def _moment_dtype(p): return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 @patch
@@ -88,15 +90,23 @@ def _begin(self:SO, p, group):
     n = p.numel(); k = int(n * group['density_ratio'])
     if k == 0: self._warn_k0(p, group); return 0
     if not p.is_contiguous(): raise ValueError(f"SO needs contiguous parameters; got a non-contiguous {tuple(p.shape)} tensor")
+    st = self._refresh(p, group, k)
+    st['step'] += 1
+    return k
+
+@patch
+def _refresh(self:SO, p, group, k):
+    "Create the state lazily and draw the support of the coming step if it is due and not drawn yet."
     st, dt = self.state[p], _moment_dtype(p)
     if not st:
         st.update(step=torch.tensor(0, dtype=torch.int64), exp_avg=p.new_zeros(k, dtype=dt), exp_avg_sq=p.new_zeros(k, dtype=dt))
-    st['step'] += 1
-    if (int(st['step']) - 1) % group['T'] == 0:
-        S = self._draw(n, k, group, p.device)
+    t = int(st['step']) + 1
+    if (t - 1) % group['T'] == 0 and self._drawn.get(p) != t:
+        S = self._draw(p.numel(), k, group, p.device)
         if 'grad_support' in st: st['grad_support'].copy_(S)  # in place, see "One pass over all tensors"
         else: st['grad_support'], st['moment_support'] = S, S.clone()  # M := S on the first step
-    return k
+        self._drawn[p] = t
+    return st
 
 @patch
 def _sparse_step(self:SO, p, group, k):
@@ -104,7 +114,7 @@ def _sparse_step(self:SO, p, group, k):
     st, dt, flat, t = self.state[p], _moment_dtype(p), p.view(-1), int(self.state[p]['step'])
     (b1, b2), lr, eps, wd = group['betas'], group['lr'], group['eps'], group['weight_decay']
     idx, order, in_S, live = _merge(st['moment_support'], st['grad_support'])
-    g = p.grad.reshape(-1).index_select(0, idx).to(dt)
+    g = self._grad_slots([p], idx, order, in_S, [k], dt)
     if wd: g = g + flat.index_select(0, idx).to(dt) * wd
     g = torch.where(in_S, g, 0.0)
     zeros = torch.zeros(k, dtype=dt, device=p.device)
@@ -116,7 +126,7 @@ def _sparse_step(self:SO, p, group, k):
     if group['track']: self._track(st, idx, m, live, keep, p.numel())
     st['moment_support'], st['exp_avg'], st['exp_avg_sq'] = (x.index_select(0, keep) for x in (idx, m, v))
 
-# %% ../nbs/04_optim.ipynb #facf36c3
+# %% ../nbs/04_optim.ipynb #3ef6deb8
 @patch
 def _warn_k0(self:SO, p, group):
     "Warn once per optimizer that tensors with k = 0 are left unchanged."
@@ -126,7 +136,34 @@ def _warn_k0(self:SO, p, group):
                       "group with 'dense': True or a larger density_ratio to train them.")
         self._warned_k0 = True
 
-# %% ../nbs/04_optim.ipynb #fc6939dc
+# %% ../nbs/04_optim.ipynb #f6b6cc28
+@patch
+def _grad_slots(self:SO, ps, idx, order, in_S, ks, dt, locs=None):
+    "The gradient on every candidate slot of the tensors `ps` (one tensor, or a packed group with `locs`)."
+    if ps[0] in self._sparse_grads:
+        vals = torch.cat([self._sparse_grads[p].reshape(-1) for p in ps]).to(dt)
+        g = torch.cat([vals.new_zeros(sum(ks)), vals]).index_select(0, order)
+        return torch.where(in_S & (order < sum(ks)), g.roll(-1), g)
+    if locs is None: locs = [idx]
+    return torch.cat([p.grad.reshape(-1).index_select(0, l) for p, l in zip(ps, locs)]).to(dt)
+
+@patch
+def prepare_supports(self:SO):
+    "Draw now, in group then parameter order, the supports of the coming step (a sparse backward needs them first)."
+    for group in self.param_groups:
+        if group['dense']: continue
+        for p in group['params']:
+            k = int(p.numel() * group['density_ratio'])
+            if p.requires_grad and k: self._refresh(p, group, k)
+    self._prepared = True
+
+@patch
+def add_sparse_grad(self:SO, p, values):
+    "Accumulate gradient values of `p` at its current support `state[p]['grad_support']` (k values, in that order)."
+    if p.grad is not None: raise ValueError("SO: a parameter received both a dense .grad and a sparse gradient")
+    self._sparse_grads[p] = values if p not in self._sparse_grads else self._sparse_grads[p] + values
+
+# %% ../nbs/04_optim.ipynb #34bc6f46
 @patch
 def _track(self:SO, st, idx, m, live, keep, n):
     "Record the changed coordinates and the last evictions (only when the group has track=True)."
@@ -145,7 +182,7 @@ def support(self:SO, p):
                 moment_abs=st['exp_avg'].abs(), changed=st.get('changed'),
                 evicted=st.get('evicted'), evicted_abs=st.get('evicted_abs'))
 
-# %% ../nbs/04_optim.ipynb #cb6217bc
+# %% ../nbs/04_optim.ipynb #6287cd49
 @patch
 def _dense_step(self:SO, p, group):
     "Adam with L2 weight decay on every entry of `p`."
@@ -161,7 +198,7 @@ def _dense_step(self:SO, p, group):
     upd = (m_hat / ((v / (1 - b2 ** t)).sqrt() + eps)) * -(lr / (1 - b1 ** t))
     p.add_(upd.to(p.dtype))
 
-# %% ../nbs/04_optim.ipynb #81ec9454
+# %% ../nbs/04_optim.ipynb #f5f7a71a
 class _Pack:
     "Packed state of the sparse tensors of one group: views `state[p][key] = buf[a:a+k]`."
     KEYS = ('moment_support', 'grad_support', 'exp_avg', 'exp_avg_sq')
@@ -188,7 +225,7 @@ def _seg_excl(cs, ends):
     tot = cs.index_select(0, ends)
     return torch.cat([tot.new_zeros(1), tot[:-1]]), tot
 
-# %% ../nbs/04_optim.ipynb #1e9f5d37
+# %% ../nbs/04_optim.ipynb #2f36c3cd
 @patch
 def _sparse_group(self:SO, group, ps):
     "The math of one SO step for all tensors `ps` of a group at once, identical to `_sparse_step` per tensor."
@@ -209,7 +246,7 @@ def _sparse_group(self:SO, group, ps):
     live, has_twin = ~torch.cat([no, twin]), torch.cat([twin, no])
     in_S = ((order >= K) & live) | has_twin
     locs = (idx - pk.off2).split(pk.k2)
-    g = torch.cat([p.grad.reshape(-1).index_select(0, l) for p, l in zip(ps, locs)]).to(dt)
+    g = self._grad_slots(ps, idx, order, in_S, pk.ks, dt, locs)
     if wd: g = g + torch.cat([p.view(-1).index_select(0, l) for p, l in zip(ps, locs)]).to(dt) * wd
     g = torch.where(in_S, g, 0.0)
     zeros = torch.zeros(K, dtype=dt, device=g.device)
@@ -221,7 +258,7 @@ def _sparse_group(self:SO, group, ps):
     B['moment_support'].copy_(idx.index_select(0, keep) - pk.off)
     B['exp_avg'].copy_(m.index_select(0, keep)); B['exp_avg_sq'].copy_(v.index_select(0, keep))
 
-# %% ../nbs/04_optim.ipynb #44ddad9f
+# %% ../nbs/04_optim.ipynb #95810ecf
 def _prune_segments(score, pk):
     "`_prune` on every segment of `score` at once: positions of the kept slots, segment by segment."
     taus = torch.stack([s.kthvalue(s.numel() - k + 1).values for s, k in zip(score.split(pk.k2), pk.ks)])
@@ -236,7 +273,7 @@ def _prune_segments(score, pk):
     return torch.empty(pk.K + 1, dtype=torch.int64, device=score.device).scatter_(
         0, slot, torch.arange(score.numel(), device=score.device))[:pk.K]
 
-# %% ../nbs/04_optim.ipynb #81c98914
+# %% ../nbs/04_optim.ipynb #a1deeb9a
 def _packable(ps):
     return len(ps) > 1 and len({(p.device, _moment_dtype(p)) for p in ps}) == 1
 
@@ -248,9 +285,9 @@ def step(self:SO, closure=None):
     if closure is not None:
         with torch.enable_grad(): loss = closure()
     for group in self.param_groups:
-        ps = [p for p in group['params'] if p.grad is not None]
+        ps = [p for p in group['params'] if p.grad is not None or p in self._sparse_grads]
         for p in ps:
-            if p.grad.is_sparse:
+            if p.grad is not None and p.grad.is_sparse:
                 raise ValueError("SO does not support sparse-layout gradients (torch.sparse); "
                                  "use dense gradients, e.g. nn.Embedding(..., sparse=False)")
         if group['dense']:
@@ -259,14 +296,16 @@ def step(self:SO, closure=None):
         ks = [self._begin(p, group) for p in ps]
         todo = [(p, k) for p, k in zip(ps, ks) if k]
         everyone = len(todo) == sum(1 for p in group['params'] if int(p.numel() * group['density_ratio']))
-        if self._batched and everyone and not group['track'] and _packable([p for p, _ in todo]):
+        same_kind = len({p in self._sparse_grads for p, _ in todo}) <= 1
+        if self._batched and everyone and same_kind and not group['track'] and _packable([p for p, _ in todo]):
             self._sparse_group(group, [p for p, _ in todo])
         else:
             for p, k in todo: self._sparse_step(p, group, k)
-        for p in ps: p.grad = None
+        for p in ps: p.grad = None; self._sparse_grads.pop(p, None)
+    self._prepared = False
     return loss
 
-# %% ../nbs/04_optim.ipynb #def7c5e0
+# %% ../nbs/04_optim.ipynb #806d0f27
 @patch
 def state_dict(self:SO):
     "The torch optimizer state dict, plus the state of a private support generator."
