@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['SO']
 
-# %% ../nbs/04_optim.ipynb #f5c327ed
+# %% ../nbs/04_optim.ipynb #18032755
 import math, warnings, torch
 from torch.optim import Optimizer
 from fastcore.basics import patch
 from .sampling import randperm_support, fast_support
 
-# %% ../nbs/04_optim.ipynb #01d51b85
+# %% ../nbs/04_optim.ipynb #6905a331
 _SAMPLERS = {'randperm': randperm_support, 'fast': fast_support}
 
 def _check(ok, name, value, accepted):
@@ -27,7 +27,7 @@ def _validate_group(g):
     _check(isinstance(g['T'], int) and not isinstance(g['T'], bool) and g['T'] >= 1, 'T', g['T'], 'a positive integer')
     _check(g['sampler'] in _SAMPLERS, 'sampler', g['sampler'], ' or '.join(map(repr, _SAMPLERS)))
 
-# %% ../nbs/04_optim.ipynb #08ada4db
+# %% ../nbs/04_optim.ipynb #d6d97cab
 class SO(Optimizer):
     "Sparse Optimization: Adam on a random gradient support S (redrawn every T steps) and a top-|m| moment support M."
     _batched = True  # step all sparse tensors of a group together (see "One pass over all tensors")
@@ -52,13 +52,13 @@ class SO(Optimizer):
         super().add_param_group(param_group)
         _validate_group(self.param_groups[-1])
 
-# %% ../nbs/04_optim.ipynb #9910f0bd
+# %% ../nbs/04_optim.ipynb #ef6175c3
 @patch
 def _draw(self:SO, n, k, group, device):
     "A fresh sorted gradient support: k distinct flat indices out of n."
     return _SAMPLERS[group['sampler']](n, k, device=device, generator=self._generator).sort().values
 
-# %% ../nbs/04_optim.ipynb #19bf4b67
+# %% ../nbs/04_optim.ipynb #6ca9b23d
 def _merge(M, S):
     "Candidates `cat(M, S)` in index order, with the slot order and the masks `in_S` (reads a gradient) and `live`."
     k = S.numel()
@@ -71,7 +71,7 @@ def _merge(M, S):
     in_S = ((order >= k) & live) | has_twin
     return idx, order, in_S, live
 
-# %% ../nbs/04_optim.ipynb #dc4b0cf6
+# %% ../nbs/04_optim.ipynb #64ef9fdb
 def _prune(score, k):
     "Positions of the k largest scores (ties to the earlier slot), in slot order, with fixed shapes."
     tau = score.kthvalue(score.numel() - k + 1).values  # the k-th largest
@@ -81,7 +81,7 @@ def _prune(score, k):
     return torch.empty(k + 1, dtype=torch.int64, device=score.device).scatter_(
         0, slot, torch.arange(score.numel(), device=score.device))[:k]
 
-# %% ../nbs/04_optim.ipynb #6077f9b4
+# %% ../nbs/04_optim.ipynb #780a0fc4
 def _moment_dtype(p): return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 @patch
@@ -121,12 +121,13 @@ def _sparse_step(self:SO, p, group, k):
     m = torch.cat([st['exp_avg'], zeros]).index_select(0, order) * b1 + g * (1 - b1)
     v = torch.cat([st['exp_avg_sq'], zeros]).index_select(0, order) * b2 + (g * g) * (1 - b2)
     denom = (v / (1 - b2 ** t)).sqrt() + eps
-    flat.scatter_add_(0, idx, ((m / denom) * -(lr / (1 - b1 ** t))).to(p.dtype))
+    delta = torch.where(live, (m / denom) * -(lr / (1 - b1 ** t)), 0.0)  # dead slots: exact 0 (even at eps=0)
+    flat.scatter_add_(0, idx, delta.to(p.dtype))
     keep = _prune(torch.where(live, m.abs(), -1.0), k)
     if group['track']: self._track(st, idx, m, live, keep, p.numel())
     st['moment_support'], st['exp_avg'], st['exp_avg_sq'] = (x.index_select(0, keep) for x in (idx, m, v))
 
-# %% ../nbs/04_optim.ipynb #3ef6deb8
+# %% ../nbs/04_optim.ipynb #7384e4bf
 @patch
 def _warn_k0(self:SO, p, group):
     "Warn once per optimizer that tensors with k = 0 are left unchanged."
@@ -136,7 +137,7 @@ def _warn_k0(self:SO, p, group):
                       "group with 'dense': True or a larger density_ratio to train them.")
         self._warned_k0 = True
 
-# %% ../nbs/04_optim.ipynb #f6b6cc28
+# %% ../nbs/04_optim.ipynb #90e457a2
 @patch
 def _grad_slots(self:SO, ps, idx, order, in_S, ks, dt, locs=None):
     "The gradient on every candidate slot of the tensors `ps` (one tensor, or a packed group with `locs`)."
@@ -163,7 +164,7 @@ def add_sparse_grad(self:SO, p, values):
     if p.grad is not None: raise ValueError("SO: a parameter received both a dense .grad and a sparse gradient")
     self._sparse_grads[p] = values if p not in self._sparse_grads else self._sparse_grads[p] + values
 
-# %% ../nbs/04_optim.ipynb #34bc6f46
+# %% ../nbs/04_optim.ipynb #da3de1a6
 @patch
 def _track(self:SO, st, idx, m, live, keep, n):
     "Record the changed coordinates and the last evictions (only when the group has track=True)."
@@ -182,7 +183,7 @@ def support(self:SO, p):
                 moment_abs=st['exp_avg'].abs(), changed=st.get('changed'),
                 evicted=st.get('evicted'), evicted_abs=st.get('evicted_abs'))
 
-# %% ../nbs/04_optim.ipynb #6287cd49
+# %% ../nbs/04_optim.ipynb #c253eddc
 @patch
 def _dense_step(self:SO, p, group):
     "Adam with L2 weight decay on every entry of `p`."
@@ -198,7 +199,7 @@ def _dense_step(self:SO, p, group):
     upd = (m_hat / ((v / (1 - b2 ** t)).sqrt() + eps)) * -(lr / (1 - b1 ** t))
     p.add_(upd.to(p.dtype))
 
-# %% ../nbs/04_optim.ipynb #f5f7a71a
+# %% ../nbs/04_optim.ipynb #16e79d49
 class _Pack:
     "Packed state of the sparse tensors of one group: views `state[p][key] = buf[a:a+k]`."
     KEYS = ('moment_support', 'grad_support', 'exp_avg', 'exp_avg_sq')
@@ -225,7 +226,7 @@ def _seg_excl(cs, ends):
     tot = cs.index_select(0, ends)
     return torch.cat([tot.new_zeros(1), tot[:-1]]), tot
 
-# %% ../nbs/04_optim.ipynb #2f36c3cd
+# %% ../nbs/04_optim.ipynb #ea576ffd
 @patch
 def _sparse_group(self:SO, group, ps):
     "The math of one SO step for all tensors `ps` of a group at once, identical to `_sparse_step` per tensor."
@@ -252,13 +253,13 @@ def _sparse_group(self:SO, group, ps):
     zeros = torch.zeros(K, dtype=dt, device=g.device)
     m = torch.cat([B['exp_avg'], zeros]).index_select(0, order) * b1 + g * (1 - b1)
     v = torch.cat([B['exp_avg_sq'], zeros]).index_select(0, order) * b2 + (g * g) * (1 - b2)
-    delta = (m / ((v / bc2).sqrt() + eps)) * step
+    delta = torch.where(live, (m / ((v / bc2).sqrt() + eps)) * step, 0.0)
     for p, l, d in zip(ps, locs, delta.split(pk.k2)): p.view(-1).scatter_add_(0, l, d.to(p.dtype))
     keep = _prune_segments(torch.where(live, m.abs(), -1.0), pk)
     B['moment_support'].copy_(idx.index_select(0, keep) - pk.off)
     B['exp_avg'].copy_(m.index_select(0, keep)); B['exp_avg_sq'].copy_(v.index_select(0, keep))
 
-# %% ../nbs/04_optim.ipynb #95810ecf
+# %% ../nbs/04_optim.ipynb #9c2711a8
 def _prune_segments(score, pk):
     "`_prune` on every segment of `score` at once: positions of the kept slots, segment by segment."
     taus = torch.stack([s.kthvalue(s.numel() - k + 1).values for s, k in zip(score.split(pk.k2), pk.ks)])
@@ -273,7 +274,7 @@ def _prune_segments(score, pk):
     return torch.empty(pk.K + 1, dtype=torch.int64, device=score.device).scatter_(
         0, slot, torch.arange(score.numel(), device=score.device))[:pk.K]
 
-# %% ../nbs/04_optim.ipynb #a1deeb9a
+# %% ../nbs/04_optim.ipynb #8117d0fb
 def _packable(ps):
     return len(ps) > 1 and len({(p.device, _moment_dtype(p)) for p in ps}) == 1
 
@@ -305,7 +306,7 @@ def step(self:SO, closure=None):
     self._prepared = False
     return loss
 
-# %% ../nbs/04_optim.ipynb #806d0f27
+# %% ../nbs/04_optim.ipynb #c5a31d03
 @patch
 def state_dict(self:SO):
     "The torch optimizer state dict, plus the state of a private support generator."
@@ -320,7 +321,7 @@ def load_state_dict(self:SO, state_dict):
     gen_state = state_dict.pop('so_generator_state', None)
     saved_ids = [i for g in state_dict['param_groups'] for i in g['params']]
     super(SO, self).load_state_dict(state_dict)
-    self._packs = {}
+    self._packs, self._drawn, self._sparse_grads, self._prepared = {}, {}, {}, False
     params = [p for g in self.param_groups for p in g['params']]
     for i, p in zip(saved_ids, params):
         for key, val in state_dict['state'].get(i, {}).items():
