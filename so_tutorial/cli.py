@@ -5,17 +5,24 @@
 # %% auto #0
 __all__ = ['COMMANDS', 'main']
 
-# %% ../nbs/50_cli.ipynb #6c1752e5
+# %% ../nbs/50_cli.ipynb #00b98196
 import argparse, importlib, sys
 from pathlib import Path
 from .io import UserError
 
-# %% ../nbs/50_cli.ipynb #a741f016
+# %% ../nbs/50_cli.ipynb #5ec1cd36
 COMMANDS = {
-    'bench': {'optimizer': ('so_tutorial.bench:cli', "time SO.step() against AdamW on CLIP ViT-B/16's 96 trained matrices")},
+    'bench': {'optimizer': ('so_tutorial.bench:cli', "time SO.step() against AdamW on CLIP ViT-B/16's 96 trained matrices"),
+              'train': ('so_tutorial.benchtrain:cli', 'step time and memory of CLIP ViT-B/16 and BERT-base: Adam, SO, SO sparse backward, LoRA')},
+    'quickstart': ('so_tutorial.quickstart:cli', 'few-shot digits on CPU: SO vs Adam vs LoRA vs linear probe, tables and figures'),
+    'clip': ('so_tutorial.clip:cli', 'one CLIP few-shot run (zero-shot, SO, LoRA or dense Adam) on one of the 11 datasets'),
+    'results': ('so_tutorial.results:cli', "aggregate CLIP runs' result.json files into the paper's table (markdown, CSV, figure)"),
+    'bert': ('so_tutorial.bert:cli', 'one BERT GLUE-RTE 32-shot run (SO or LoRA): the paper\'s result line and result.json'),
+    'sweep': {'clip': ('so_tutorial.clip:sweep_cli', 'a resumable grid of CLIP runs (datasets x shots x seeds x methods, --shard i/n)'),
+              'bert': ('so_tutorial.bert:sweep_cli', 'the BERT RTE-32shot grids (SO kappa x T, LoRA r): so_grid_results.csv / lora_grid_results.csv')},
 }
 
-# %% ../nbs/50_cli.ipynb #91974781
+# %% ../nbs/50_cli.ipynb #db04871f
 def _resolve(target):
     mod, fn = target.split(':')
     return getattr(importlib.import_module(mod), fn)
@@ -45,6 +52,6 @@ def main(argv=None, table=None, prog='so-tutorial'):
         print(f'{prog} {name}: error: {e}', file=sys.stderr)
         return 1
 
-# %% ../nbs/50_cli.ipynb #0bd72bf8
+# %% ../nbs/50_cli.ipynb #7b354406
 #| eval: false
 if __name__ == '__main__': sys.exit(main())
