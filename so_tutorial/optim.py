@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['SO']
 
-# %% ../nbs/04_optim.ipynb #18032755
+# %% ../nbs/04_optim.ipynb #2df51779
 import math, warnings, torch
 from torch.optim import Optimizer
 from fastcore.basics import patch
 from .sampling import randperm_support, fast_support
 
-# %% ../nbs/04_optim.ipynb #6905a331
+# %% ../nbs/04_optim.ipynb #6e7aea09
 _SAMPLERS = {'randperm': randperm_support, 'fast': fast_support}
 
 def _check(ok, name, value, accepted):
@@ -27,7 +27,7 @@ def _validate_group(g):
     _check(isinstance(g['T'], int) and not isinstance(g['T'], bool) and g['T'] >= 1, 'T', g['T'], 'a positive integer')
     _check(g['sampler'] in _SAMPLERS, 'sampler', g['sampler'], ' or '.join(map(repr, _SAMPLERS)))
 
-# %% ../nbs/04_optim.ipynb #d6d97cab
+# %% ../nbs/04_optim.ipynb #d1648e5b
 class SO(Optimizer):
     "Sparse Optimization: Adam on a random gradient support S (redrawn every T steps) and a top-|m| moment support M."
     _batched = True  # step all sparse tensors of a group together (see "One pass over all tensors")
@@ -52,13 +52,13 @@ class SO(Optimizer):
         super().add_param_group(param_group)
         _validate_group(self.param_groups[-1])
 
-# %% ../nbs/04_optim.ipynb #ef6175c3
+# %% ../nbs/04_optim.ipynb #6f52e0e1
 @patch
 def _draw(self:SO, n, k, group, device):
     "A fresh sorted gradient support: k distinct flat indices out of n."
     return _SAMPLERS[group['sampler']](n, k, device=device, generator=self._generator).sort().values
 
-# %% ../nbs/04_optim.ipynb #6ca9b23d
+# %% ../nbs/04_optim.ipynb #cbe3361a
 def _merge(M, S):
     "Candidates `cat(M, S)` in index order, with the slot order and the masks `in_S` (reads a gradient) and `live`."
     k = S.numel()
@@ -71,7 +71,7 @@ def _merge(M, S):
     in_S = ((order >= k) & live) | has_twin
     return idx, order, in_S, live
 
-# %% ../nbs/04_optim.ipynb #64ef9fdb
+# %% ../nbs/04_optim.ipynb #ba5ea8fd
 def _prune(score, k):
     "Positions of the k largest scores (ties to the earlier slot), in slot order, with fixed shapes."
     tau = score.kthvalue(score.numel() - k + 1).values  # the k-th largest
@@ -81,7 +81,7 @@ def _prune(score, k):
     return torch.empty(k + 1, dtype=torch.int64, device=score.device).scatter_(
         0, slot, torch.arange(score.numel(), device=score.device))[:k]
 
-# %% ../nbs/04_optim.ipynb #780a0fc4
+# %% ../nbs/04_optim.ipynb #fe46e9ac
 def _moment_dtype(p): return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 @patch
@@ -127,7 +127,7 @@ def _sparse_step(self:SO, p, group, k):
     if group['track']: self._track(st, idx, m, live, keep, p.numel())
     st['moment_support'], st['exp_avg'], st['exp_avg_sq'] = (x.index_select(0, keep) for x in (idx, m, v))
 
-# %% ../nbs/04_optim.ipynb #7384e4bf
+# %% ../nbs/04_optim.ipynb #1d5c6cd1
 @patch
 def _warn_k0(self:SO, p, group):
     "Warn once per optimizer that tensors with k = 0 are left unchanged."
@@ -137,7 +137,7 @@ def _warn_k0(self:SO, p, group):
                       "group with 'dense': True or a larger density_ratio to train them.")
         self._warned_k0 = True
 
-# %% ../nbs/04_optim.ipynb #90e457a2
+# %% ../nbs/04_optim.ipynb #fdcbead0
 @patch
 def _grad_slots(self:SO, ps, idx, order, in_S, ks, dt, locs=None):
     "The gradient on every candidate slot of the tensors `ps` (one tensor, or a packed group with `locs`)."
@@ -164,7 +164,7 @@ def add_sparse_grad(self:SO, p, values):
     if p.grad is not None: raise ValueError("SO: a parameter received both a dense .grad and a sparse gradient")
     self._sparse_grads[p] = values if p not in self._sparse_grads else self._sparse_grads[p] + values
 
-# %% ../nbs/04_optim.ipynb #da3de1a6
+# %% ../nbs/04_optim.ipynb #8e6368b1
 @patch
 def _track(self:SO, st, idx, m, live, keep, n):
     "Record the changed coordinates and the last evictions (only when the group has track=True)."
@@ -183,7 +183,7 @@ def support(self:SO, p):
                 moment_abs=st['exp_avg'].abs(), changed=st.get('changed'),
                 evicted=st.get('evicted'), evicted_abs=st.get('evicted_abs'))
 
-# %% ../nbs/04_optim.ipynb #c253eddc
+# %% ../nbs/04_optim.ipynb #5165439d
 @patch
 def _dense_step(self:SO, p, group):
     "Adam with L2 weight decay on every entry of `p`."
@@ -199,7 +199,7 @@ def _dense_step(self:SO, p, group):
     upd = (m_hat / ((v / (1 - b2 ** t)).sqrt() + eps)) * -(lr / (1 - b1 ** t))
     p.add_(upd.to(p.dtype))
 
-# %% ../nbs/04_optim.ipynb #16e79d49
+# %% ../nbs/04_optim.ipynb #a10d5b66
 class _Pack:
     "Packed state of the sparse tensors of one group: views `state[p][key] = buf[a:a+k]`."
     KEYS = ('moment_support', 'grad_support', 'exp_avg', 'exp_avg_sq')
@@ -226,12 +226,13 @@ def _seg_excl(cs, ends):
     tot = cs.index_select(0, ends)
     return torch.cat([tot.new_zeros(1), tot[:-1]]), tot
 
-# %% ../nbs/04_optim.ipynb #ea576ffd
+# %% ../nbs/04_optim.ipynb #fcd3265c
 @patch
-def _sparse_group(self:SO, group, ps):
+def _sparse_group(self:SO, group, ps, kind=False):
     "The math of one SO step for all tensors `ps` of a group at once, identical to `_sparse_step` per tensor."
-    pk = self._packs.get(id(group))
-    if pk is None or not pk.valid(self, ps): pk = self._packs[id(group)] = _Pack(self, ps)
+    key = (id(group), kind)  # one pack per group and gradient kind
+    pk = self._packs.get(key)
+    if pk is None or not pk.valid(self, ps): pk = self._packs[key] = _Pack(self, ps)
     B, K = pk.bufs, pk.K
     dt = B['exp_avg'].dtype
     (b1, b2), lr, eps, wd = group['betas'], group['lr'], group['eps'], group['weight_decay']
@@ -259,7 +260,7 @@ def _sparse_group(self:SO, group, ps):
     B['moment_support'].copy_(idx.index_select(0, keep) - pk.off)
     B['exp_avg'].copy_(m.index_select(0, keep)); B['exp_avg_sq'].copy_(v.index_select(0, keep))
 
-# %% ../nbs/04_optim.ipynb #9c2711a8
+# %% ../nbs/04_optim.ipynb #8ff68222
 def _prune_segments(score, pk):
     "`_prune` on every segment of `score` at once: positions of the kept slots, segment by segment."
     taus = torch.stack([s.kthvalue(s.numel() - k + 1).values for s, k in zip(score.split(pk.k2), pk.ks)])
@@ -274,7 +275,7 @@ def _prune_segments(score, pk):
     return torch.empty(pk.K + 1, dtype=torch.int64, device=score.device).scatter_(
         0, slot, torch.arange(score.numel(), device=score.device))[:pk.K]
 
-# %% ../nbs/04_optim.ipynb #8117d0fb
+# %% ../nbs/04_optim.ipynb #4edc2172
 def _packable(ps):
     return len(ps) > 1 and len({(p.device, _moment_dtype(p)) for p in ps}) == 1
 
@@ -295,18 +296,17 @@ def step(self:SO, closure=None):
             for p in ps: self._dense_step(p, group)
             continue
         ks = [self._begin(p, group) for p in ps]
-        todo = [(p, k) for p, k in zip(ps, ks) if k]
-        everyone = len(todo) == sum(1 for p in group['params'] if int(p.numel() * group['density_ratio']))
-        same_kind = len({p in self._sparse_grads for p, _ in todo}) <= 1
-        if self._batched and everyone and same_kind and not group['track'] and _packable([p for p, _ in todo]):
-            self._sparse_group(group, [p for p, _ in todo])
-        else:
-            for p, k in todo: self._sparse_step(p, group, k)
+        for kind in (False, True):  # tensors with a dense .grad, then tensors with sparse gradient values
+            todo = [(p, k) for p, k in zip(ps, ks) if k and (p in self._sparse_grads) == kind]
+            if self._batched and not group['track'] and _packable([p for p, _ in todo]):
+                self._sparse_group(group, [p for p, _ in todo], kind)
+            else:
+                for p, k in todo: self._sparse_step(p, group, k)
         for p in ps: p.grad = None; self._sparse_grads.pop(p, None)
     self._prepared = False
     return loss
 
-# %% ../nbs/04_optim.ipynb #c5a31d03
+# %% ../nbs/04_optim.ipynb #7c3521a5
 @patch
 def state_dict(self:SO):
     "The torch optimizer state dict, plus the state of a private support generator."
