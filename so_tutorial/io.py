@@ -5,21 +5,25 @@
 # %% auto #0
 __all__ = ['UserError', 'atomic_write', 'write_json', 'machine_info']
 
-# %% ../nbs/06_io.ipynb #888cb874
+# %% ../nbs/06_io.ipynb #cc66a2f8
 import os, json, platform, tempfile, datetime
 from pathlib import Path
 import torch
 
-# %% ../nbs/06_io.ipynb #9c8885f7
+# %% ../nbs/06_io.ipynb #6160d2da
 class UserError(Exception):
     "Bad input the user can fix; the message says what was wrong and how to fix it."
 
-# %% ../nbs/06_io.ipynb #2885a05d
+# %% ../nbs/06_io.ipynb #7b5843f7
+def _umask():
+    m = os.umask(0); os.umask(m); return m
+
 def atomic_write(path, data):
     "Write `data` (str or bytes) to `path` atomically, creating parent folders."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give results the usual permissions
         with os.fdopen(fd, 'wb' if isinstance(data, bytes) else 'w') as f:
             f.write(data); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -32,7 +36,7 @@ def write_json(path, obj):
     "Write `obj` as indented JSON, atomically."
     return atomic_write(path, json.dumps(obj, indent=2, default=str) + '\n')
 
-# %% ../nbs/06_io.ipynb #c5f1a332
+# %% ../nbs/06_io.ipynb #6aa64bac
 def machine_info(device='cpu'):
     "The machine, device and library versions, for result files."
     dev = torch.device(device)
