@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['SO']
 
-# %% ../nbs/04_optim.ipynb #2df51779
+# %% ../nbs/04_optim.ipynb #e0c96f42
 import math, warnings, torch
 from torch.optim import Optimizer
 from fastcore.basics import patch
 from .sampling import randperm_support, fast_support
 
-# %% ../nbs/04_optim.ipynb #6e7aea09
+# %% ../nbs/04_optim.ipynb #4b3bf731
 _SAMPLERS = {'randperm': randperm_support, 'fast': fast_support}
 
 def _check(ok, name, value, accepted):
@@ -27,7 +27,7 @@ def _validate_group(g):
     _check(isinstance(g['T'], int) and not isinstance(g['T'], bool) and g['T'] >= 1, 'T', g['T'], 'a positive integer')
     _check(g['sampler'] in _SAMPLERS, 'sampler', g['sampler'], ' or '.join(map(repr, _SAMPLERS)))
 
-# %% ../nbs/04_optim.ipynb #d1648e5b
+# %% ../nbs/04_optim.ipynb #ef79c925
 class SO(Optimizer):
     "Sparse Optimization: Adam on a random gradient support S (redrawn every T steps) and a top-|m| moment support M."
     _batched = True  # step all sparse tensors of a group together (see "One pass over all tensors")
@@ -52,18 +52,22 @@ class SO(Optimizer):
         super().add_param_group(param_group)
         _validate_group(self.param_groups[-1])
 
-# %% ../nbs/04_optim.ipynb #6f52e0e1
+# %% ../nbs/04_optim.ipynb #7cb5674d
 @patch
 def _draw(self:SO, n, k, group, device):
     "A fresh sorted gradient support: k distinct flat indices out of n."
     return _SAMPLERS[group['sampler']](n, k, device=device, generator=self._generator).sort().values
 
-# %% ../nbs/04_optim.ipynb #cbe3361a
-def _merge(M, S):
+# %% ../nbs/04_optim.ipynb #45bfebe9
+def _argsort(x, bound):
+    "Stable argsort of indices below `bound` (sorted as 32-bit integers when they fit: same order, faster)."
+    return (x.int() if bound < 2**31 else x).argsort(stable=True)
+
+def _merge(M, S, n=2**63):
     "Candidates `cat(M, S)` in index order, with the slot order and the masks `in_S` (reads a gradient) and `live`."
     k = S.numel()
     both = torch.cat([M, S])
-    order = both.argsort(stable=True)
+    order = _argsort(both, n)
     idx = both.index_select(0, order)
     twin = idx[1:] == idx[:-1]  # an M copy followed by its S copy
     no = twin.new_zeros(1)
@@ -71,7 +75,7 @@ def _merge(M, S):
     in_S = ((order >= k) & live) | has_twin
     return idx, order, in_S, live
 
-# %% ../nbs/04_optim.ipynb #ba5ea8fd
+# %% ../nbs/04_optim.ipynb #7ea61e04
 def _prune(score, k):
     "Positions of the k largest scores (ties to the earlier slot), in slot order, with fixed shapes."
     tau = score.kthvalue(score.numel() - k + 1).values  # the k-th largest
@@ -81,7 +85,7 @@ def _prune(score, k):
     return torch.empty(k + 1, dtype=torch.int64, device=score.device).scatter_(
         0, slot, torch.arange(score.numel(), device=score.device))[:k]
 
-# %% ../nbs/04_optim.ipynb #fe46e9ac
+# %% ../nbs/04_optim.ipynb #1f443849
 def _moment_dtype(p): return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 @patch
@@ -113,7 +117,7 @@ def _sparse_step(self:SO, p, group, k):
     "The math of one SO step on one tensor, following the reference box line by line."
     st, dt, flat, t = self.state[p], _moment_dtype(p), p.view(-1), int(self.state[p]['step'])
     (b1, b2), lr, eps, wd = group['betas'], group['lr'], group['eps'], group['weight_decay']
-    idx, order, in_S, live = _merge(st['moment_support'], st['grad_support'])
+    idx, order, in_S, live = _merge(st['moment_support'], st['grad_support'], p.numel())
     g = self._grad_slots([p], idx, order, in_S, [k], dt)
     if wd: g = g + flat.index_select(0, idx).to(dt) * wd
     g = torch.where(in_S, g, 0.0)
@@ -127,7 +131,7 @@ def _sparse_step(self:SO, p, group, k):
     if group['track']: self._track(st, idx, m, live, keep, p.numel())
     st['moment_support'], st['exp_avg'], st['exp_avg_sq'] = (x.index_select(0, keep) for x in (idx, m, v))
 
-# %% ../nbs/04_optim.ipynb #1d5c6cd1
+# %% ../nbs/04_optim.ipynb #67ac5165
 @patch
 def _warn_k0(self:SO, p, group):
     "Warn once per optimizer that tensors with k = 0 are left unchanged."
@@ -137,7 +141,7 @@ def _warn_k0(self:SO, p, group):
                       "group with 'dense': True or a larger density_ratio to train them.")
         self._warned_k0 = True
 
-# %% ../nbs/04_optim.ipynb #fdcbead0
+# %% ../nbs/04_optim.ipynb #b177ffaa
 @patch
 def _grad_slots(self:SO, ps, idx, order, in_S, ks, dt, locs=None):
     "The gradient on every candidate slot of the tensors `ps` (one tensor, or a packed group with `locs`)."
@@ -164,7 +168,7 @@ def add_sparse_grad(self:SO, p, values):
     if p.grad is not None: raise ValueError("SO: a parameter received both a dense .grad and a sparse gradient")
     self._sparse_grads[p] = values if p not in self._sparse_grads else self._sparse_grads[p] + values
 
-# %% ../nbs/04_optim.ipynb #8e6368b1
+# %% ../nbs/04_optim.ipynb #bd4ae86d
 @patch
 def _track(self:SO, st, idx, m, live, keep, n):
     "Record the changed coordinates and the last evictions (only when the group has track=True)."
@@ -183,7 +187,7 @@ def support(self:SO, p):
                 moment_abs=st['exp_avg'].abs(), changed=st.get('changed'),
                 evicted=st.get('evicted'), evicted_abs=st.get('evicted_abs'))
 
-# %% ../nbs/04_optim.ipynb #5165439d
+# %% ../nbs/04_optim.ipynb #9f95be02
 @patch
 def _dense_step(self:SO, p, group):
     "Adam with L2 weight decay on every entry of `p`."
@@ -199,7 +203,7 @@ def _dense_step(self:SO, p, group):
     upd = (m_hat / ((v / (1 - b2 ** t)).sqrt() + eps)) * -(lr / (1 - b1 ** t))
     p.add_(upd.to(p.dtype))
 
-# %% ../nbs/04_optim.ipynb #a10d5b66
+# %% ../nbs/04_optim.ipynb #7172509e
 class _Pack:
     "Packed state of the sparse tensors of one group: views `state[p][key] = buf[a:a+k]`."
     KEYS = ('moment_support', 'grad_support', 'exp_avg', 'exp_avg_sq')
@@ -208,7 +212,7 @@ class _Pack:
         self.ks = [st['exp_avg'].numel() for st in sts]
         dev, ks = ps[0].device, torch.tensor(self.ks, device=ps[0].device)
         offs = torch.tensor([0] + [p.numel() for p in ps[:-1]], device=dev).cumsum(0)
-        self.K, self.k2 = sum(self.ks), [2 * k for k in self.ks]
+        self.K, self.k2, self.bound = sum(self.ks), [2 * k for k in self.ks], sum(p.numel() for p in ps)
         self.ks_t, self.off = ks, offs.repeat_interleave(ks)
         self.seg2 = torch.arange(len(ps), device=dev).repeat_interleave(2 * ks)
         self.off2, self.ends2 = offs.index_select(0, self.seg2), (2 * ks).cumsum(0) - 1
@@ -226,7 +230,7 @@ def _seg_excl(cs, ends):
     tot = cs.index_select(0, ends)
     return torch.cat([tot.new_zeros(1), tot[:-1]]), tot
 
-# %% ../nbs/04_optim.ipynb #fcd3265c
+# %% ../nbs/04_optim.ipynb #e69af99b
 @patch
 def _sparse_group(self:SO, group, ps, kind=False):
     "The math of one SO step for all tensors `ps` of a group at once, identical to `_sparse_step` per tensor."
@@ -242,7 +246,7 @@ def _sparse_group(self:SO, group, ps, kind=False):
         per = lambda xs: torch.tensor(xs, dtype=dt, device=pk.off.device).index_select(0, pk.seg2)
         bc2, step = per([1 - b2 ** t for t in ts]), per([-(lr / (1 - b1 ** t)) for t in ts])
     both = torch.cat([B['moment_support'] + pk.off, B['grad_support'] + pk.off])
-    order = both.argsort(stable=True)
+    order = _argsort(both, pk.bound)
     idx = both.index_select(0, order)
     twin = idx[1:] == idx[:-1]; no = twin.new_zeros(1)
     live, has_twin = ~torch.cat([no, twin]), torch.cat([twin, no])
@@ -260,7 +264,7 @@ def _sparse_group(self:SO, group, ps, kind=False):
     B['moment_support'].copy_(idx.index_select(0, keep) - pk.off)
     B['exp_avg'].copy_(m.index_select(0, keep)); B['exp_avg_sq'].copy_(v.index_select(0, keep))
 
-# %% ../nbs/04_optim.ipynb #8ff68222
+# %% ../nbs/04_optim.ipynb #c3a3c989
 def _prune_segments(score, pk):
     "`_prune` on every segment of `score` at once: positions of the kept slots, segment by segment."
     taus = torch.stack([s.kthvalue(s.numel() - k + 1).values for s, k in zip(score.split(pk.k2), pk.ks)])
@@ -275,7 +279,7 @@ def _prune_segments(score, pk):
     return torch.empty(pk.K + 1, dtype=torch.int64, device=score.device).scatter_(
         0, slot, torch.arange(score.numel(), device=score.device))[:pk.K]
 
-# %% ../nbs/04_optim.ipynb #4edc2172
+# %% ../nbs/04_optim.ipynb #8cfa6629
 def _packable(ps):
     return len(ps) > 1 and len({(p.device, _moment_dtype(p)) for p in ps}) == 1
 
@@ -306,7 +310,7 @@ def step(self:SO, closure=None):
     self._prepared = False
     return loss
 
-# %% ../nbs/04_optim.ipynb #7c3521a5
+# %% ../nbs/04_optim.ipynb #8e4b962f
 @patch
 def state_dict(self:SO):
     "The torch optimizer state dict, plus the state of a private support generator."

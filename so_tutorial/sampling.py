@@ -5,20 +5,21 @@
 # %% auto #0
 __all__ = ['randperm_support', 'fast_support']
 
-# %% ../nbs/01_sparse_gradients.ipynb #5bbcec48
+# %% ../nbs/01_sparse_gradients.ipynb #77179167
 import math, torch
 
-# %% ../nbs/01_sparse_gradients.ipynb #c6837621
+# %% ../nbs/01_sparse_gradients.ipynb #1cc38670
 def _draw_device(device, generator):
     "Draw on the generator's device when one is given (a CPU generator can serve CUDA params)."
     return generator.device if generator is not None else device
 
 def randperm_support(n:int, k:int, device=None, generator=None):
     "Parity sampler: the first `k` entries of `torch.randperm(n)`, the paper code's exact draw."
-    perm = torch.randperm(n, device=_draw_device(device, generator), generator=generator)
-    return perm[:k].to(device)
+    dt = torch.int32 if n < 2**31 else torch.int64  # same permutation, half the memory traffic
+    perm = torch.randperm(n, device=_draw_device(device, generator), generator=generator, dtype=dt)
+    return perm[:k].to(device=device, dtype=torch.int64)
 
-# %% ../nbs/01_sparse_gradients.ipynb #9f802eb7
+# %% ../nbs/01_sparse_gradients.ipynb #f2702fa1
 def _first_distinct(draws):
     "Distinct values of `draws` and the position where each first appears."
     vals, order = draws.sort(stable=True)
