@@ -6,13 +6,13 @@
 __all__ = ['GLUE_RTE', 'DEFAULT_MODEL', 'DEFAULTS', 'RTE_COLUMNS', 'TOY_WORDS', 'SPECIAL_TOKENS', 'LORA_TARGETS',
            'PUBLISHED_SO_GRID', 'PUBLISHED_LORA_GRID', 'bert_config', 'check_rte', 'load_rte_splits', 'write_toy_rte',
            'few_shot', 'load_model', 'save_tiny_bert', 'encode', 'EpochShuffle', 'make_loaders', 'is_dense',
-           'sparse_k_table', 'so_optimizer', 'dense_label', 'lora_model', 'lora_kinds', 'trainable', 'train_loop',
-           'evaluate', 'seed_all', 'prepare', 'model_label', 'result_line', 'run_bert', 'train_with_trainer', 'arm_id',
-           'grid_root', 'run_id', 'check_existing', 'cli', 'grid_jobs', 'grid_csv_name', 'grid_rows', 'write_grid_csv',
-           'sweep_cli', 'compare_published']
+           'sparse_k_table', 'so_optimizer', 'dense_label', 'lora_model', 'lora_kinds', 'trainable', 'new_loop_state',
+           'train_loop', 'evaluate', 'seed_all', 'prepare', 'model_label', 'result_line', 'run_bert',
+           'train_with_trainer', 'arm_id', 'grid_root', 'run_id', 'check_existing', 'cli', 'grid_jobs', 'grid_csv_name',
+           'grid_rows', 'write_grid_csv', 'sweep_cli', 'compare_published']
 
-# %% ../nbs/25_bert.ipynb #6cba3054
-import os, sys, json, random, time, math, tempfile, argparse
+# %% ../nbs/25_bert.ipynb #8517c034
+import os, sys, json, random, time, math, tempfile, argparse, warnings
 from collections import Counter
 from importlib.metadata import version, PackageNotFoundError
 from pathlib import Path
@@ -22,20 +22,25 @@ from tqdm.auto import tqdm
 from .optim import SO
 from .groups import sparse_dense_groups
 from .io import UserError, atomic_write, machine_info
-from .sweep import run_grid, finish_run, result_exists
+from .sparse import SparseBackward, all_reduce_sparse_grads, discard_sparse_grads, grads_finite, sparse_grad_params
+from .sweep import (run_grid, finish_run, result_exists, RESUME_FILE, save_resume, load_resume, rng_state, set_rng_state,
+                               nonfinite, tensors_sha1, Interrupted, StopSignals, signal_name, log_attempt, launched_by_torchrun,
+                               init_distributed, leave_distributed, dist_info, broadcast_object, all_gather_object, all_reduce_sum,
+                               check_in_sync)
 
-# %% ../nbs/25_bert.ipynb #ac945091
+# %% ../nbs/25_bert.ipynb #4fceeb9c
 GLUE_RTE = ('nyu-mll/glue', 'rte') # Hub dataset and config used when no --data is given
 DEFAULT_MODEL = 'bert-base-uncased'
 DEFAULTS = dict(method='so', model=DEFAULT_MODEL, data=None, # data: None = GLUE RTE from the Hub, or a local folder
                 shots=32, balanced=False, max_length=128, token_type_ids=False, seed=42,
-                lr=2e-5, kappa=1e-4, T=5, legacy_dense_bias=True, sampler='randperm', # the SO arm
+                lr=2e-5, kappa=1e-4, T=5, legacy_dense_bias=True, sampler='randperm', sparse_backward=False, # the SO arm
                 rank=8, # the LoRA arm
                 loss_stop=1e-3, max_steps=20_000, batch_size=8, eval_batch_size=32, t_max=10_000, eta_min=1e-6,
-                device=None, driver='loop') # device None: cuda when available; driver 'loop' or 'trainer'
-_ARM_KEYS = {'so': ('kappa', 'T', 'legacy_dense_bias', 'sampler'), 'lora': ('rank',)}
+                device=None, driver='loop', # device None: cuda when available; driver 'loop' or 'trainer'
+                checkpoint_every=0, skip_nonfinite=False, check_sync=0) # resume checkpoints, non-finite steps, rank checks (the loop driver)
+_ARM_KEYS = {'so': ('kappa', 'T', 'legacy_dense_bias', 'sampler', 'sparse_backward'), 'lora': ('rank',)}
 
-# %% ../nbs/25_bert.ipynb #a48d7c7d
+# %% ../nbs/25_bert.ipynb #fbfb59f2
 def _check(ok, msg):
     if not ok: raise UserError(msg)
 
@@ -50,6 +55,8 @@ def bert_config(**kw):
     _check(not unknown, f"unknown config keys: {', '.join(sorted(unknown))}")
     c = {**DEFAULTS, **{k: v for k, v in kw.items() if v is not None}}
     _check(c['method'] in _ARM_KEYS, f"--method must be 'so' or 'lora', got {c['method']!r}")
+    _check(c['method'] == 'so' or not c['sparse_backward'],
+           f"--sparse-backward computes only the gradient entries SO reads: it needs --method so, not --method {c['method']}")
     for k in _ARM_KEYS['lora' if c['method'] == 'so' else 'so']: c.pop(k)
     c['device'] = str(c['device'] or ('cuda' if torch.cuda.is_available() else 'cpu'))
     _check(not c['device'].startswith('cuda') or torch.cuda.is_available(), f"--device {c['device']}: CUDA is not available here; use --device cpu")
@@ -65,9 +72,13 @@ def bert_config(**kw):
     _check(c['loss_stop'] >= 0, f"--loss-stop must be >= 0, got {c['loss_stop']}")
     _check(c['max_length'] >= 8, f"--max-length must be >= 8, got {c['max_length']}")
     _check(c['driver'] in ('loop', 'trainer'), f"driver must be 'loop' or 'trainer', got {c['driver']!r}")
+    _check(c['checkpoint_every'] >= 0 and c['check_sync'] >= 0, "--checkpoint-every and --check-sync must be >= 0")
+    _check(c['driver'] == 'loop' or not (c['checkpoint_every'] or c['skip_nonfinite'] or c['check_sync']),
+           "--checkpoint-every, --skip-nonfinite and --check-sync need the plain loop; transformers.Trainer (--trainer) has its own "
+           "checkpoints (save_steps, resume_from_checkpoint)")
     return c
 
-# %% ../nbs/25_bert.ipynb #eb2f11cf
+# %% ../nbs/25_bert.ipynb #3bfa06c7
 RTE_COLUMNS = ('sentence1', 'sentence2', 'label')
 _BUILDERS = {'.jsonl': 'json', '.json': 'json', '.csv': 'csv'}
 
@@ -92,7 +103,7 @@ def check_rte(ds, where):
                             + (f" and {len(bad) - 1} more" if len(bad) > 1 else ''))
     return ds
 
-# %% ../nbs/25_bert.ipynb #d6fc22d4
+# %% ../nbs/25_bert.ipynb #020bb50d
 def load_rte_splits(data=None):
     "`{'train', 'validation'}` datasets: GLUE RTE from the Hub when `data` is None, else the files in the folder `data`."
     from datasets import load_dataset
@@ -112,7 +123,7 @@ def load_rte_splits(data=None):
         out[split] = check_rte(ds, str(f))
     return out
 
-# %% ../nbs/25_bert.ipynb #d777cb98
+# %% ../nbs/25_bert.ipynb #4ddc72a6
 TOY_WORDS = ('the a cat dog bird fish man woman child car house tree river city sun moon red blue green big small old '
              'new runs sits eats sees likes has is on in near under over with and').split()
 
@@ -128,7 +139,7 @@ def write_toy_rte(path, n_train=64, n_val=40, fmt='jsonl', seed=0):
         atomic_write(path / f'{split}.{fmt}', df.to_json(orient='records', lines=True) if fmt == 'jsonl' else df.to_csv(index=False))
     return path
 
-# %% ../nbs/25_bert.ipynb #c1f35bf0
+# %% ../nbs/25_bert.ipynb #f96ca08d
 def few_shot(train, shots=32, seed=42, balanced=False):
     "The paper's draw `train.shuffle(seed).select(range(shots))`, or the first `shots/2` of each label in that order."
     _check(len(train) >= shots, f"the train split has {len(train)} examples, fewer than --shots {shots}")
@@ -140,7 +151,7 @@ def few_shot(train, shots=32, seed=42, balanced=False):
                                              f"{labels.count(0)} entailment and {labels.count(1)} not-entailment")
     return shuffled.select(sorted(keep[0] + keep[1]))
 
-# %% ../nbs/25_bert.ipynb #2ffcdd93
+# %% ../nbs/25_bert.ipynb #005752d7
 def load_model(model=DEFAULT_MODEL, num_labels=2):
     "`(tokenizer, model)` from a local folder or a Hub id, the model with a `num_labels` classification head."
     from transformers import AutoTokenizer, AutoModelForSequenceClassification
@@ -158,7 +169,7 @@ def load_model(model=DEFAULT_MODEL, num_labels=2):
                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
     return tok, net
 
-# %% ../nbs/25_bert.ipynb #c64f6aa8
+# %% ../nbs/25_bert.ipynb #552b3a74
 SPECIAL_TOKENS = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
 
 def save_tiny_bert(path, vocab_size=None, # pad the toy vocabulary with [unused*] tokens up to this size (e.g. 30522)
@@ -174,7 +185,7 @@ def save_tiny_bert(path, vocab_size=None, # pad the toy vocabulary with [unused*
     net.save_pretrained(path); BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(path)
     return Path(path)
 
-# %% ../nbs/25_bert.ipynb #5bee87ac
+# %% ../nbs/25_bert.ipynb #8f15b6d2
 def encode(ds, tok, max_length=128, token_type_ids=False):
     "Tokenise the sentence pairs of `ds` (truncated, padded to `max_length`) into a torch-formatted `Dataset` with `labels`."
     from datasets import Dataset
@@ -182,7 +193,7 @@ def encode(ds, tok, max_length=128, token_type_ids=False):
     cols = ['input_ids', 'attention_mask'] + (['token_type_ids'] if token_type_ids and 'token_type_ids' in enc else [])
     return Dataset.from_dict({**{c: enc[c] for c in cols}, 'labels': [int(l) for l in ds['label']]}).with_format('torch')
 
-# %% ../nbs/25_bert.ipynb #715d3bb8
+# %% ../nbs/25_bert.ipynb #29577a31
 class EpochShuffle(torch.utils.data.Sampler):
     "A fresh random order of `range(n)` from `generator` at the start of every epoch (and no draw at its end)."
     def __init__(self, n, generator): self.n, self.generator = n, generator
@@ -195,12 +206,12 @@ def make_loaders(train, val, seed=42, batch_size=8, eval_batch_size=32):
     return (DataLoader(train, batch_size=batch_size, sampler=EpochShuffle(len(train), g), generator=g),
             DataLoader(val, batch_size=eval_batch_size))
 
-# %% ../nbs/25_bert.ipynb #b2b3978b
+# %% ../nbs/25_bert.ipynb #07734142
 def is_dense(name, p):
     "The paper's rule for BERT: 1-D tensors, the pooler and the classification head go to the dense (Adam) group."
     return p.ndim < 2 or name.startswith(('classifier.', 'score.')) or '.pooler.' in f'.{name}'
 
-# %% ../nbs/25_bert.ipynb #b1c43ae2
+# %% ../nbs/25_bert.ipynb #317aba22
 def sparse_k_table(model, kappas=(1e-5, 1e-4, 1e-3, 1e-2), dense=is_dense):
     "One row per kind of tensor (layers merged): group, count, shape, numel, and k = floor(numel·κ) for each κ."
     rows = {}
@@ -212,17 +223,17 @@ def sparse_k_table(model, kappas=(1e-5, 1e-4, 1e-3, 1e-2), dense=is_dense):
     for k in kappas: df[f'k at κ={k:g}'] = np.where(df.group == 'sparse', np.floor(df.numel * k).astype(int), 0)
     return df
 
-# %% ../nbs/25_bert.ipynb #6bbdac97
-def so_optimizer(model, kappa=1e-4, T=5, legacy_dense_bias=True, lr=2e-5, sampler='randperm'):
+# %% ../nbs/25_bert.ipynb #ce639697
+def so_optimizer(model, kappa=1e-4, T=5, legacy_dense_bias=True, lr=2e-5, sampler='randperm', generator=None):
     "SO on the paper's sparse/dense groups of `model` (betas 0.9, 0.999; no weight decay)."
     return SO(sparse_dense_groups(model, dense=is_dense), lr=lr, betas=(0.9, 0.999), density_ratio=kappa, T=T,
-              sampler=sampler, legacy_dense_bias_correction=legacy_dense_bias)
+              sampler=sampler, legacy_dense_bias_correction=legacy_dense_bias, generator=generator)
 
 def dense_label(legacy):
     "How the dense group is updated, in words (for results and printed lines)."
     return 'legacy Q2 bias correction (published setting)' if legacy else 'correct Adam'
 
-# %% ../nbs/25_bert.ipynb #59da0ee5
+# %% ../nbs/25_bert.ipynb #c3066c84
 LORA_TARGETS = ['query', 'key', 'value', 'attention.output.dense', 'intermediate.dense', 'output.dense']
 
 def lora_model(model, rank=8):
@@ -244,18 +255,56 @@ def trainable(model):
     "Number of weights that get gradients."
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-# %% ../nbs/25_bert.ipynb #d227918c
-def train_loop(model, opt, sched, loader, loss_stop=1e-3, max_steps=20_000, device='cpu', progress=True, desc='train'):
+# %% ../nbs/25_bert.ipynb #a25a962e
+def new_loop_state(loader):
+    "The loop's state before the first step: no losses, epoch 0, and the data order generator's state."
+    return dict(losses=[], epoch=0, pos=0, order_state=loader.generator.get_state(), skipped=[])
+
+def _stop_reason(st, loss_stop, max_steps):
+    ls = st['losses']
+    if ls and ls[-1] <= loss_stop: return 'loss_stop'
+    if len(ls) >= max_steps: return 'max_steps'
+
+def train_loop(model, opt, sched, loader, loss_stop=1e-3, max_steps=20_000, device='cpu', progress=True, desc='train', *,
+               state=None, # a loop state to continue from (a checkpoint's); None: start
+               on_step=None, # on_step(state, stop) after every step
+               skip_nonfinite=False, # skip non-finite steps with a warning instead of stopping
+               signals=None): # a `StopSignals` whose `.signum` asks to stop
     "Train until a mini-batch loss <= `loss_stop` or `max_steps` steps; return `(steps, losses, stop_reason)`."
-    model.train(); losses = []
-    with tqdm(total=max_steps, desc=desc, unit='step', disable=not progress, leave=False) as bar:
-        while True:
-            for batch in loader:
+    st = new_loop_state(loader) if state is None else state
+    (rank, world), params = dist_info(), [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    with tqdm(total=max_steps, initial=len(st['losses']), desc=desc, unit='step', disable=not progress or rank > 0, leave=False) as bar:
+        while not (reason := _stop_reason(st, loss_stop, max_steps)):
+            loader.generator.set_state(st['order_state'])
+            batches = iter(loader)
+            for _ in range(st['pos']): next(batches)
+            for batch in batches:
+                n_glob = len(batch['labels'])
+                if world > 1: batch = {k: v[rank * n_glob // world:(rank + 1) * n_glob // world] for k, v in batch.items()}
                 loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-                opt.zero_grad(); loss.backward(); opt.step(); sched.step()
-                losses.append(loss.item()); bar.update(1); bar.set_postfix(loss=f'{losses[-1]:.4f}')
-                if losses[-1] <= loss_stop: return len(losses), losses, 'loss_stop'
-                if len(losses) >= max_steps: return len(losses), losses, 'max_steps'
+                share = len(batch['labels']) / n_glob
+                opt.zero_grad(); (loss if world == 1 else loss * (share * world)).backward()
+                if isinstance(opt, SO): all_reduce_sparse_grads(opt)
+                ok = torch.isfinite(loss.detach()) & grads_finite(params, opt).to(loss.device)
+                stats = torch.stack([loss.detach().double() * (share if world > 1 else 1), (~ok).double(),
+                                     torch.tensor(float(bool(signals and signals.signum)), dtype=torch.float64, device=loss.device)])
+                loss_g, bad, stop = all_reduce_sum(stats).tolist()
+                if bad:
+                    msg = f"non-finite loss or gradient at step {len(st['losses']) + 1} (loss {loss_g:.4g})"
+                    if not skip_nonfinite: raise UserError(msg + '; lower the learning rate or check the data, or pass --skip-nonfinite to skip such steps')
+                    warnings.warn(msg + ': step skipped (--skip-nonfinite)')
+                    opt.zero_grad()
+                    if isinstance(opt, SO): discard_sparse_grads(opt)
+                    st['skipped'].append(len(st['losses']) + 1)
+                else: opt.step()
+                sched.step()
+                st['losses'].append(loss_g); st['pos'] += 1
+                if st['pos'] == len(loader): st.update(epoch=st['epoch'] + 1, pos=0, order_state=loader.generator.get_state())
+                bar.update(1); bar.set_postfix(loss=f'{loss_g:.4f}')
+                if on_step is not None: on_step(st, bool(stop))
+                if _stop_reason(st, loss_stop, max_steps): break
+    return len(st['losses']), st['losses'], reason
 
 @torch.no_grad()
 def evaluate(model, loader, device='cpu'):
@@ -266,7 +315,7 @@ def evaluate(model, loader, device='cpu'):
         ok += (model(**batch).logits.argmax(-1) == batch['labels']).sum().item(); n += len(batch['labels'])
     return 100 * ok / n, ok, n
 
-# %% ../nbs/25_bert.ipynb #fcb1253b
+# %% ../nbs/25_bert.ipynb #0d7c9388
 def seed_all(seed):
     "Seed Python, NumPy and torch (CPU and CUDA)."
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
@@ -280,14 +329,18 @@ def prepare(cfg):
     train, val = (encode(d, tok, cfg['max_length'], cfg['token_type_ids']) for d in (train_raw, splits['validation']))
     if cfg['method'] == 'lora': model = lora_model(model, cfg['rank'])
     model.to(cfg['device'])
-    opt = (so_optimizer(model, cfg['kappa'], cfg['T'], cfg['legacy_dense_bias'], cfg['lr'], cfg['sampler']) if cfg['method'] == 'so'
-           else torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg['lr'], betas=(0.9, 0.999)))
+    if cfg['method'] == 'so':
+        gen = None  # under torch.distributed every rank draws the same supports from a private generator
+        if launched_by_torchrun(): gen = torch.Generator(cfg['device']).manual_seed(broadcast_object(cfg['seed'] + 2**32 if dist_info()[0] == 0 else None))
+        opt = so_optimizer(model, cfg['kappa'], cfg['T'], cfg['legacy_dense_bias'], cfg['lr'], cfg['sampler'], gen)
+        if cfg['sparse_backward']: SparseBackward(model, opt)
+    else: opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg['lr'], betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg['t_max'], eta_min=cfg['eta_min'])
     train_dl, val_dl = make_loaders(train, val, cfg['seed'], cfg['batch_size'], cfg['eval_batch_size'])
     return dict(model=model, opt=opt, sched=sched, train_dl=train_dl, val_dl=val_dl, train_labels=Counter(train_raw['label']),
                 val_size=len(val))
 
-# %% ../nbs/25_bert.ipynb #19edaca9
+# %% ../nbs/25_bert.ipynb #e6e90635
 def _versions():
     import so_tutorial
     out = {'so_tutorial': so_tutorial.__version__}
@@ -315,37 +368,106 @@ def result_line(res):
     stop = f"loss {res['final_loss']:.4g} ≤ {c['loss_stop']:g}" if res['stop_reason'] == 'loss_stop' else f"hit --max-steps {c['max_steps']}"
     return f"{head}  [{arm}; {res['steps']} step{'s' if res['steps'] != 1 else ''}, {stop}; seed {c['seed']}]"
 
-# %% ../nbs/25_bert.ipynb #6b957e92
-def run_bert(cfg, out_dir=None, progress=True):
-    "Run one config end to end; write `train_loss.csv` into `out_dir` when given; return the result dict."
+# %% ../nbs/25_bert.ipynb #bb2fe098
+def _identity(cfg):
+    "The settings a resume checkpoint must share with the run that resumes it."
+    return {k: v for k, v in cfg.items() if k not in _IGNORED}
+
+def _write_resume(out, cfg, st, trained, init_hash, opt, sched):
+    "Write the resume checkpoint after the latest step (rank 0), unless a weight or a moment is not finite."
+    rank, world = dist_info()
+    step = len(st['losses'])
+    bad = nonfinite(trained) + nonfinite({f'optimizer state {k} of tensor {i}': v for i, s in enumerate(opt.state.values()) for k, v in s.items()})
+    _check(not bad, f"after step {step} {bad[0] if bad else ''} holds NaN or infinite values: the checkpoint was not written "
+                    f"(the last good one is kept); lower the learning rate or check the data")
+    rngs = all_gather_object(rng_state(cfg['device']))
+    if rank: return
+    save_resume(Path(out) / RESUME_FILE, dict(pipeline='bert', identity=_identity(cfg), world_size=world, init_hash=init_hash, step=step,
+                                              loop=st, trained={n: p.detach().cpu().clone() for n, p in trained.items()},
+                                              optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=rngs))
+
+def _read_resume(out, cfg, trained, init_hash, opt, sched):
+    "Load the run's resume checkpoint into weights, optimizer, scheduler and generators; return the loop state."
+    rank, world = dist_info()
+    path = Path(out) / RESUME_FILE
+    ck = load_resume(path, 'bert', _identity(cfg), world)
+    _check(ck['init_hash'] == init_hash, f"{path} started from other weights than {cfg['model']} gives here; delete it to start over")
+    for n, v in ck['trained'].items():
+        _check(n in trained and trained[n].shape == v.shape, f"{path}: its tensor {n} {tuple(v.shape)} is not a trained tensor of this model")
+    _check(set(ck['trained']) == set(trained), f"{path} lacks trained tensors of this model; delete it to start over")
+    with torch.no_grad():
+        for n, v in ck['trained'].items(): trained[n].copy_(v.to(trained[n].device))
+    opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
+    set_rng_state(ck['rng'][rank], cfg['device'])
+    return ck['loop']
+
+def _ddp(model, cfg):
+    "`model` in DistributedDataParallel, leaving out the weights that get sparse gradients."
+    import inspect
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    sb = {id(p) for p in sparse_grad_params(model)}
+    DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters() if id(p) in sb])
+    kw = {'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(DDP).parameters else {'broadcast_buffers': False}
+    dev = torch.device(cfg['device'])
+    return DDP(model, device_ids=[dev.index] if dev.type == 'cuda' else None, **kw)
+
+# %% ../nbs/25_bert.ipynb #ae5cb131
+def run_bert(cfg, out_dir=None, progress=True, resume=False):
+    "Run one config end to end; write `train_loss.csv` into `out_dir` when given; `resume`: continue from its checkpoint."
     cfg = bert_config(**cfg); t0 = time.time()
+    rank, world = dist_info()
+    _check(cfg['driver'] == 'loop' or (not resume and world == 1), "--resume and torchrun need the plain loop, not --trainer")
+    _check(out_dir is not None or not (resume or cfg['checkpoint_every']), "resume checkpoints need an output folder")
     if torch.device(cfg['device']).type == 'cuda': torch.cuda.reset_peak_memory_stats(cfg['device'])
     r = prepare(cfg)
+    trained = {n: p for n, p in r['model'].named_parameters() if p.requires_grad}
     seed_all(cfg['seed'])
-    t1 = time.time(); desc = f"{cfg['method'].upper()} fine-tune"
+    t1, desc, started = time.time(), f"{cfg['method'].upper()} fine-tune", 0
     if cfg['driver'] == 'trainer':
         steps, losses, reason = train_with_trainer(r['model'], r['opt'], r['sched'], r['train_dl'], cfg['loss_stop'], cfg['max_steps'],
                                                    cfg['seed'], cfg['device'], progress)
+        st = dict(skipped=[])
     else:
-        steps, losses, reason = train_loop(r['model'], r['opt'], r['sched'], r['train_dl'], cfg['loss_stop'], cfg['max_steps'],
-                                           cfg['device'], progress, desc)
+        st, out, init_hash = None, out_dir and Path(out_dir), tensors_sha1(trained) if out_dir is not None else None
+        if resume and (out / RESUME_FILE).exists(): st = _read_resume(out, cfg, trained, init_hash, r['opt'], r['sched'])
+        elif resume and rank == 0: print(f'{out}: no checkpoint to resume from; starting from the beginning', file=sys.stderr)
+        st = st or new_loop_state(r['train_dl'])
+        started = len(st['losses'])
+        with StopSignals() as sig:
+            def on_step(st, stop):
+                step = len(st['losses'])
+                if cfg['check_sync'] and step % cfg['check_sync'] == 0: check_in_sync(trained, step)
+                if out is not None and (stop or (cfg['checkpoint_every'] and step % cfg['checkpoint_every'] == 0)):
+                    _write_resume(out, cfg, st, trained, init_hash, r['opt'], r['sched'])
+                if stop:
+                    sig.handled = True
+                    where = f"checkpoint: {out / RESUME_FILE}; run the same command with --resume to continue (a sweep resumes by itself)" \
+                            if out is not None else 'no output folder, so no checkpoint'
+                    raise Interrupted(f"stopped by {signal_name(sig.signum or 15)} after step {step}; {where}", sig.signum or 15)
+            if out is not None and rank == 0: log_attempt(out, method=cfg['method'], world_size=world, resumed_from=started)
+            steps, losses, reason = train_loop(_ddp(r['model'], cfg) if world > 1 else r['model'], r['opt'], r['sched'], r['train_dl'],
+                                               cfg['loss_stop'], cfg['max_steps'], cfg['device'], progress, desc, state=st, on_step=on_step,
+                                               skip_nonfinite=cfg['skip_nonfinite'], signals=sig)
     t2 = time.time()
     acc, ok, n = evaluate(r['model'], r['val_dl'], cfg['device'])
     mem, mem_kind = _peak_memory(cfg['device'])
-    res = dict(method=cfg['method'], config=cfg, steps=steps, stop_reason=reason, final_loss=losses[-1], min_loss=min(losses),
+    finite = [l for l in losses if math.isfinite(l)]
+    res = dict(method=cfg['method'], config=cfg, steps=steps, stop_reason=reason, final_loss=losses[-1], min_loss=min(finite, default=float('nan')),
                val_acc=acc, val_correct=ok, val_total=n, train_size=sum(r['train_labels'].values()),
                train_labels={str(k): v for k, v in sorted(r['train_labels'].items())}, trainable_params=trainable(r['model']),
-               wall_s=time.time() - t0, train_s=t2 - t1, eval_s=time.time() - t2, steps_per_s=steps / max(t2 - t1, 1e-9),
+               skipped_steps=st['skipped'], resumed_from_step=started, world_size=world, trained_sha1=tensors_sha1(trained),
+               wall_s=time.time() - t0, train_s=t2 - t1, eval_s=time.time() - t2, steps_per_s=(steps - started) / max(t2 - t1, 1e-9),
                peak_memory_bytes=mem, peak_memory_kind=mem_kind, machine=machine_info(cfg['device']), versions=_versions())
     if cfg['method'] == 'so':
         res['dense_group'] = dense_label(cfg['legacy_dense_bias'])
         res['sparse_k_total'] = sum(int(p.numel() * g['density_ratio']) for g in r['opt'].param_groups if not g['dense'] for p in g['params'])
     res['line'] = result_line(res)
-    if out_dir is not None:
+    if out_dir is not None and rank == 0:
         atomic_write(Path(out_dir) / 'train_loss.csv', 'step,loss\n' + ''.join(f'{i + 1},{l!r}\n' for i, l in enumerate(losses)))
+        (Path(out_dir) / RESUME_FILE).unlink(missing_ok=True)
     return res
 
-# %% ../nbs/25_bert.ipynb #571c9f47
+# %% ../nbs/25_bert.ipynb #71050ef5
 def train_with_trainer(model, opt, sched, loader, loss_stop=1e-3, max_steps=20_000, seed=42, device='cpu', progress=True):
     "The `train_loop` run driven by `transformers.Trainer(optimizers=(opt, sched))`; returns `(steps, losses, stop_reason)`."
     from transformers import Trainer, TrainingArguments, TrainerCallback
@@ -368,7 +490,7 @@ def train_with_trainer(model, opt, sched, loader, loss_stop=1e-3, max_steps=20_0
         trainer.train()
     return len(losses), losses, 'loss_stop' if losses[-1] <= loss_stop else 'max_steps'
 
-# %% ../nbs/25_bert.ipynb #fd5592ed
+# %% ../nbs/25_bert.ipynb #08b8f7ba
 def _num(x):
     if x == 0: return '0'
     s = f'{x:.0e}'
@@ -377,7 +499,7 @@ def _num(x):
 def arm_id(cfg):
     "The run's folder name: arm, its hyperparameters and any non-default setting."
     s = (f"so_k{_num(cfg['kappa'])}_T{cfg['T']}_{'q2legacy' if cfg['legacy_dense_bias'] else 'adam'}"
-         + ('_fast' if cfg['sampler'] == 'fast' else '')) if cfg['method'] == 'so' else f"lora_r{cfg['rank']}"
+         + ('_fast' if cfg['sampler'] == 'fast' else '') + ('_sb' if cfg['sparse_backward'] else '')) if cfg['method'] == 'so' else f"lora_r{cfg['rank']}"
     for key, tag in (('loss_stop', 'stop'), ('max_steps', 'max'), ('max_length', 'len'), ('lr', 'lr')):
         if cfg[key] != DEFAULTS[key]: s += f'_{tag}{_num(cfg[key]) if isinstance(cfg[key], float) else cfg[key]}'
     return s + ('_tt' if cfg['token_type_ids'] else '')
@@ -390,18 +512,19 @@ def grid_root(cfg):
 
 def run_id(cfg): return f"seed{cfg['seed']}/{arm_id(cfg)}"
 
-# %% ../nbs/25_bert.ipynb #b94343d6
-_IGNORED = ('device', 'driver')
+# %% ../nbs/25_bert.ipynb #1ac14462
+_IGNORED = ('device', 'driver', 'checkpoint_every', 'skip_nonfinite', 'check_sync')  # they do not change what is computed
 
 def check_existing(out_dir, cfg):
     "True if `out_dir` holds a finished run of `cfg`; a `UserError` if it holds a finished run of another config."
     if not result_exists(out_dir): return False
     old = json.loads((Path(out_dir) / 'result.json').read_text()).get('config', {})
+    old = {**{k: DEFAULTS[k] for k in cfg if k in DEFAULTS and k not in old}, **old}  # results written before a setting existed
     diff = sorted(k for k in set(old) | set(cfg) if k not in _IGNORED and old.get(k) != cfg.get(k))
     _check(not diff, f"{out_dir} holds the result of another run (differs in {', '.join(diff)}); use --force to overwrite it or another --output")
     return True
 
-# %% ../nbs/25_bert.ipynb #1440ae8e
+# %% ../nbs/25_bert.ipynb #5d3fd591
 def _add_common(ap):
     "Options shared by `so-tutorial bert` and `so-tutorial sweep bert`."
     ap.add_argument('--method', choices=['so', 'lora'], required=True, help='SO or LoRA')
@@ -420,19 +543,25 @@ def _add_common(ap):
     ap.add_argument('--max-steps', type=int, default=20_000, help='cap on steps (reported as stop_reason max_steps when hit)')
     ap.add_argument('--device', default=None, help="'cuda', 'cuda:1' or 'cpu'; when omitted, cuda if available, else cpu")
     ap.add_argument('--trainer', action='store_true', help='drive training with transformers.Trainer instead of the plain loop (same run)')
+    ap.add_argument('--sparse-backward', action='store_true', help="SO only: compute just the k gradient entries SO reads of every nn.Linear weight")
+    ap.add_argument('--checkpoint-every', type=int, default=0, help='write a resume checkpoint every N steps (0: only at SIGTERM/SIGINT)')
+    ap.add_argument('--skip-nonfinite', action='store_true', help='skip steps whose loss or gradient is not finite, with a warning, instead of stopping')
+    ap.add_argument('--check-sync', type=int, default=0, help='under torchrun: check every N steps that all ranks hold the same weights')
     ap.add_argument('--force', action='store_true', help='rerun even if a finished result exists')
     return ap
 
 def _cfg(a, **kw):
     return bert_config(method=a.method, model=a.model, data=a.data, shots=a.shots, balanced=a.balanced, max_length=a.max_length,
                        token_type_ids=a.token_type_ids, loss_stop=a.loss_stop, max_steps=a.max_steps, device=a.device,
-                       driver='trainer' if a.trainer else 'loop', **kw)
+                       driver='trainer' if a.trainer else 'loop', checkpoint_every=a.checkpoint_every, skip_nonfinite=a.skip_nonfinite,
+                       check_sync=a.check_sync, **kw)
 
 def _arm_kw(method, a, kappa=None, T=None, rank=None):
-    if method == 'so': return dict(kappa=kappa, T=T, legacy_dense_bias=a.legacy_dense_bias, sampler=a.sampler)
+    if method == 'so': return dict(kappa=kappa, T=T, legacy_dense_bias=a.legacy_dense_bias, sampler=a.sampler, sparse_backward=a.sparse_backward)
+    _check(not a.sparse_backward, f"--sparse-backward computes only the gradient entries SO reads: it needs --method so, not --method {method}")
     return dict(rank=rank)
 
-# %% ../nbs/25_bert.ipynb #bbc5ebc4
+# %% ../nbs/25_bert.ipynb #cb569667
 def cli(argv=None):
     "`so-tutorial bert`: one SO or LoRA run on RTE 32-shot; prints the paper's result line and writes result.json."
     ap = _add_common(argparse.ArgumentParser(prog='so-tutorial bert', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -442,6 +571,7 @@ def cli(argv=None):
     ap.add_argument('--rank', type=int, default=8, help='LoRA rank r')
     ap.add_argument('--seed', type=int, default=42, help='seed for the 32-shot draw, the head, the LoRA init, dropout and the data order')
     ap.add_argument('--output', type=Path, default=None, help='run folder (default: runs/bert/<model>/<data>/seed<seed>/<arm>)')
+    ap.add_argument('--resume', action='store_true', help="continue from the run's resume checkpoint (starts from the beginning when there is none)")
     a = ap.parse_args(argv)
     cfg = _cfg(a, seed=a.seed, **_arm_kw(a.method, a, a.kappa, a.T, a.rank))
     out = a.output or grid_root(cfg) / run_id(cfg)
@@ -449,14 +579,25 @@ def cli(argv=None):
         print(json.loads((out / 'result.json').read_text())['line'])
         print(f'(already done: {out / "result.json"}; --force to run again)')
         return 0
-    res = run_bert(cfg, out)
-    if res['stop_reason'] == 'loss_stop': print(f"Stopped at step {res['steps']} with loss {res['final_loss']:.4f} ≤ {cfg['loss_stop']}")
-    else: print(f"Hit --max-steps {cfg['max_steps']} with loss {res['final_loss']:.4f} > {cfg['loss_stop']}")
-    print(res['line'])
-    print('wrote', finish_run(out, res))
+    _check(not (out / RESUME_FILE).exists() or a.resume or a.force, f"{out} holds the checkpoint of an interrupted run ({RESUME_FILE}): "
+                                                                   f"pass --resume to continue it, or --force to start over")
+    cfg['device'], clean = init_distributed(cfg['device']), False
+    try:
+        res = run_bert(cfg, out, resume=a.resume)
+        if dist_info()[0] == 0:
+            if res['stop_reason'] == 'loss_stop': print(f"Stopped at step {res['steps']} with loss {res['final_loss']:.4f} ≤ {cfg['loss_stop']}")
+            else: print(f"Hit --max-steps {cfg['max_steps']} with loss {res['final_loss']:.4f} > {cfg['loss_stop']}")
+            print(res['line'])
+            print('wrote', finish_run(out, res))
+        clean = True
+    except Interrupted as e:  # every rank stops at the same step
+        if dist_info()[0] == 0: print(f'so-tutorial bert: {e}', file=sys.stderr)
+        clean = True
+        return 128 + e.signum
+    finally: leave_distributed(sync=clean)
     return 0
 
-# %% ../nbs/25_bert.ipynb #d886ec31
+# %% ../nbs/25_bert.ipynb #921a3879
 def grid_jobs(base, method, kappas=(1e-2, 1e-3, 1e-4, 1e-5), Ts=(5, 10, 20), ranks=(2, 4, 8, 16), seeds=(42,)):
     "`(run_id, cfg)` for every point of the grid and every seed, configs checked up front."
     arms = ([dict(kappa=k, T=t) for k in kappas for t in Ts] if method == 'so' else [dict(rank=r) for r in ranks])
@@ -469,7 +610,7 @@ def grid_csv_name(method, legacy=True):
     "The paper's CSV names; the SO grid with correct Adam in the dense group gets its own file."
     return 'lora_grid_results.csv' if method == 'lora' else 'so_grid_results.csv' if legacy else 'so_grid_results_adam.csv'
 
-# %% ../nbs/25_bert.ipynb #d20a80cd
+# %% ../nbs/25_bert.ipynb #59931620
 def grid_rows(jobs, root, method):
     "One dict per grid point (seeds merged) from the `result.json` files of `jobs` under `root`."
     keys, groups = ('kappa', 'T') if method == 'so' else ('rank',), {}
@@ -503,10 +644,10 @@ def write_grid_csv(jobs, root, method, legacy=True):
     if 'steps_std' not in df: df['steps'] = df['steps'].astype('Int64')  # one seed: whole steps, blank when not run
     return atomic_write(Path(root) / grid_csv_name(method, legacy), df.to_csv(index=False))
 
-# %% ../nbs/25_bert.ipynb #a1d88750
-def _run_one(cfg, out_dir):
-    "One grid job (`run_grid` writes the result file): run it and print its line."
-    res = run_bert(cfg, out_dir, progress=True)
+# %% ../nbs/25_bert.ipynb #b271c01a
+def _run_one(cfg, out_dir, resume=False):
+    "One grid job (`run_grid` writes the result file): run it (from its checkpoint when `resume`) and print its line."
+    res = run_bert(cfg, out_dir, progress=True, **({'resume': True} if resume else {}))
     tqdm.write(res['line'])
     return res
 
@@ -521,18 +662,21 @@ def sweep_cli(argv=None):
     ap.add_argument('--output', type=Path, default=None, help='grid folder (default: runs/bert/<model>/<data>)')
     ap.add_argument('--shard', default=None, help='i/n: run every n-th job starting at i (0 <= i < n)')
     a = ap.parse_args(argv)
+    _check(not launched_by_torchrun(), 'a sweep runs one process per GPU: start one sweep per GPU with --shard i/n instead of torchrun')
     base = _cfg(a, **_arm_kw(a.method, a, a.kappas[0], a.Ts[0], a.ranks[0]))
     jobs = grid_jobs(base, a.method, a.kappas, a.Ts, a.ranks, a.seeds)
     root = a.output or grid_root(base)
     if not a.force:
         for rid, cfg in jobs: check_existing(root / rid, cfg)
-    run_grid(jobs, _run_one, root, shard=a.shard, force=a.force, desc=f'bert {a.method} grid')
+    try: run_grid(jobs, _run_one, root, shard=a.shard, force=a.force, desc=f'bert {a.method} grid')
+    except Interrupted as e:
+        print(f'so-tutorial sweep bert: {e}', file=sys.stderr); return 128 + e.signum
     path = write_grid_csv(jobs, root, a.method, base.get('legacy_dense_bias', True))
     print(pd.read_csv(path).drop(columns=['run_dir']).to_string(index=False))
     print('wrote', path)
     return 0
 
-# %% ../nbs/25_bert.ipynb #23b5e7f0
+# %% ../nbs/25_bert.ipynb #d0324ea2
 PUBLISHED_SO_GRID = pd.DataFrame([(1e-3, 5, 1073, 55.6), (1e-3, 10, 1057, 55.2), (1e-3, 20, 1026, 56.0),
                                   (1e-4, 5, 1421, 57.0), (1e-4, 10, 1372, 55.2), (1e-4, 20, 1332, 54.2),
                                   (1e-5, 5, 1421, 57.0), (1e-5, 10, 1372, 56.0), (1e-5, 20, 1332, 55.2)],

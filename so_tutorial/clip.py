@@ -7,11 +7,11 @@ __all__ = ['DEFAULT_BACKBONE', 'DEFAULT_PRETRAINED', 'POSITIONS', 'ENCODERS', 'M
            'DENSITY_PRESETS', 'resolve_backbone', 'tiny_config', 'load_clip', 'clip_transforms', 'block_indices',
            'towers', 'trainable_matrices', 'freeze_except', 'SplitAttention', 'split_attention', 'add_lora',
            'encode_prompts', 'image_features', 'top1', 'weights_hash', 'sparse_delta', 'apply_delta', 'save_checkpoint',
-           'load_checkpoint', 'train_loop', 'ClipConfig', 'run_name', 'run_id', 'evaluate', 'restore', 'run', 'cli',
-           'sweep_jobs', 'sweep_cli']
+           'load_checkpoint', 'EpochBatches', 'SeededItems', 'ClipLogits', 'new_loop_state', 'train_loop', 'ClipConfig',
+           'run_name', 'run_id', 'evaluate', 'restore', 'run', 'cli', 'sweep_jobs', 'sweep_cli']
 
-# %% ../nbs/21_clip.ipynb #92bd3e17
-import os, io, re, copy, json, math, time, hashlib, argparse, logging, contextlib
+# %% ../nbs/21_clip.ipynb #ae73877f
+import os, io, re, sys, copy, json, math, time, hashlib, argparse, logging, contextlib, warnings
 from dataclasses import dataclass, asdict, replace, fields
 from pathlib import Path
 import torch
@@ -20,11 +20,15 @@ from torch import nn
 import open_clip
 from .io import UserError, atomic_write, write_json, machine_info
 from .optim import SO
-from .sweep import run_grid, result_exists, finish_run
+from .sparse import SparseBackward, all_reduce_sparse_grads, discard_sparse_grads, grads_finite, sparse_grad_params
+from .sweep import (run_grid, result_exists, finish_run, RESUME_FILE, save_resume, load_resume, rng_state, set_rng_state,
+                               nonfinite, tensors_sha1, Interrupted, StopSignals, signal_name, log_attempt, launched_by_torchrun,
+                               init_distributed, leave_distributed, dist_info, broadcast_object, all_gather_object, all_reduce_sum,
+                               check_in_sync)
 from .data import (DATASETS, load_splits, seed_everything, few_shot, prompts, ImageListDataset,
                               write_item_list)
 
-# %% ../nbs/21_clip.ipynb #c1bec406
+# %% ../nbs/21_clip.ipynb #664fa9a2
 DEFAULT_BACKBONE, DEFAULT_PRETRAINED = 'ViT-B-16', 'openai'
 
 def _none(pretrained): return pretrained is None or str(pretrained).lower() in ('', 'none')
@@ -61,7 +65,7 @@ def resolve_backbone(backbone=DEFAULT_BACKBONE, pretrained=DEFAULT_PRETRAINED):
     raise UserError(f"--pretrained {pre!r} is not a tag of {b} ({', '.join(tags) or 'none known'}), "
                     f"an existing checkpoint file, or 'none'")
 
-# %% ../nbs/21_clip.ipynb #dd915146
+# %% ../nbs/21_clip.ipynb #36213747
 def tiny_config(path, layers=2, width=32, image_size=32, patch_size=8, context_length=16):
     "Write a tiny open_clip model-config JSON (for tests and CPU demos); return its path."
     cfg = dict(embed_dim=width,
@@ -69,7 +73,7 @@ def tiny_config(path, layers=2, width=32, image_size=32, patch_size=8, context_l
                text_cfg=dict(context_length=context_length, vocab_size=49408, width=width, heads=2, layers=layers))
     return atomic_write(path, json.dumps(cfg, indent=1))
 
-# %% ../nbs/21_clip.ipynb #0a70e9cd
+# %% ../nbs/21_clip.ipynb #6ca43e83
 def _wrap(fn, what):
     try: return fn()
     except (RuntimeError, OSError, KeyError, ValueError) as e:
@@ -94,7 +98,7 @@ def load_clip(backbone=DEFAULT_BACKBONE, pretrained=DEFAULT_PRETRAINED, device='
             tok = open_clip.SimpleTokenizer(context_length=cfg['text_cfg'].get('context_length', 77))
     return model.float().to(device).eval(), tok
 
-# %% ../nbs/21_clip.ipynb #0c382c8a
+# %% ../nbs/21_clip.ipynb #d7209112
 def clip_transforms(model):
     "(train, test) torchvision transforms for `model`'s image size, interpolation and normalisation."
     import torchvision.transforms as T
@@ -107,7 +111,7 @@ def clip_transforms(model):
     test = T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(size), *norm])
     return train, test
 
-# %% ../nbs/21_clip.ipynb #65e07f86
+# %% ../nbs/21_clip.ipynb #f262d116
 POSITIONS = {'all': list(range(12)), 'bottom': [0, 1, 2, 3], 'mid': [4, 5, 6, 7], 'up': [8, 9, 10, 11],
              'half-up': list(range(6, 12)), 'half-bottom': list(range(6)), 'top3': [9, 10, 11]}
 ENCODERS = ('text', 'vision', 'both')
@@ -121,7 +125,7 @@ def block_indices(position, depth):
     if not out: raise UserError(f"--position {position} selects no block of a {depth}-block tower; choose another preset")
     return out
 
-# %% ../nbs/21_clip.ipynb #fd3ef354
+# %% ../nbs/21_clip.ipynb #2a4e23c1
 def towers(model, encoder='both'):
     "The residual blocks of the chosen towers: {'text': ModuleList, 'vision': ModuleList}."
     if encoder not in ENCODERS: raise UserError(f"unknown --encoder {encoder!r}; choose from: {', '.join(ENCODERS)}")
@@ -154,7 +158,7 @@ def freeze_except(model, params):
     keep = {id(p) for p in params}
     for p in model.parameters(): p.requires_grad_(id(p) in keep)
 
-# %% ../nbs/21_clip.ipynb #26c2ed03
+# %% ../nbs/21_clip.ipynb #051f6186
 class SplitAttention(nn.Module):
     "`nn.MultiheadAttention` (self-attention, same call signature) with separate q, k, v `nn.Linear` projections."
     def __init__(self, mha:nn.MultiheadAttention):
@@ -188,7 +192,7 @@ class SplitAttention(nn.Module):
         o = self.out_proj(o.transpose(1, 2).reshape(B, L, D))
         return (o if self.batch_first else o.transpose(0, 1)), None
 
-# %% ../nbs/21_clip.ipynb #3ad61993
+# %% ../nbs/21_clip.ipynb #9e4ed0da
 def split_attention(model, encoder='both', position='all'):
     "Replace the attention of the selected blocks by `SplitAttention`; return the names of their q/k/v modules."
     names = {id(m): n for n, m in model.named_modules()}
@@ -200,7 +204,7 @@ def split_attention(model, encoder='both', position='all'):
             out += [names[id(blk)] + f'.attn.{p}' for p in ('q_proj', 'k_proj', 'v_proj')]
     return out
 
-# %% ../nbs/21_clip.ipynb #feb17025
+# %% ../nbs/21_clip.ipynb #e89f44a3
 def add_lora(model, encoder='both', position='all', r=2, alpha=1.0, dropout=0.25):
     "Split q/k/v in the selected blocks and add peft LoRA to them; freeze everything else; return name → LoRA parameter."
     from peft import LoraConfig, inject_adapter_in_model
@@ -212,7 +216,7 @@ def add_lora(model, encoder='both', position='all', r=2, alpha=1.0, dropout=0.25
     freeze_except(model, lora.values())
     return lora
 
-# %% ../nbs/21_clip.ipynb #cbccb2d7
+# %% ../nbs/21_clip.ipynb #3afe8de8
 LOGIT_SCALE = 100.
 
 def _autocast(device, kind):
@@ -240,7 +244,7 @@ def top1(feats, labels, text_feats):
     pred = (feats.to(text_feats.device) @ text_feats.T).argmax(1).cpu()
     return int((pred == labels).sum()), len(labels)
 
-# %% ../nbs/21_clip.ipynb #981c7afb
+# %% ../nbs/21_clip.ipynb #0437fed2
 def weights_hash(tensors):
     "SHA-1 of the named tensors' bytes (in name order): identifies the pretrained weights a checkpoint needs."
     h = hashlib.sha1()
@@ -248,12 +252,16 @@ def weights_hash(tensors):
         h.update(n.encode()); h.update(tensors[n].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
+def _bits(t):
+    "The tensor's bit patterns, so that -0.0 differs from 0.0 and a NaN equals itself."
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()]) if t.is_floating_point() else t
+
 def sparse_delta(params, base):
-    "For each tensor of `params` that differs from `base`: its shape, the flat indices that changed, their new values."
+    "For each tensor of `params` that differs from `base` (bit for bit): its shape, the flat indices that changed, their new values."
     out = {}
     for n, p in params.items():
         flat, b = p.detach().cpu().reshape(-1), base[n].reshape(-1)
-        idx = (flat != b).nonzero().squeeze(1)
+        idx = (_bits(flat) != _bits(b)).nonzero().squeeze(1)
         if len(idx): out[n] = dict(shape=list(p.shape), indices=idx.to(torch.int32 if flat.numel() < 2**31 else torch.int64),
                                    values=flat[idx].clone())
     return out
@@ -270,7 +278,7 @@ def apply_delta(params, delta):
         if len(idx) and (idx.min() < 0 or idx.max() >= p.numel()): raise UserError(f"checkpoint indices of {n} are out of range")
         p.view(-1)[idx.to(p.device)] = d['values'].to(p.device, p.dtype)
 
-# %% ../nbs/21_clip.ipynb #ddf217fc
+# %% ../nbs/21_clip.ipynb #75e04d58
 CHECKPOINTS = {'so': 'delta.pt', 'adam': 'matrices.pt', 'lora': 'lora.pt'}
 
 def save_checkpoint(path, kind, tensors, meta):
@@ -293,34 +301,118 @@ def load_checkpoint(path, kind, expect):
                             f"use the run's own settings (see its result.json)")
     return ck
 
-# %% ../nbs/21_clip.ipynb #33048b45
+# %% ../nbs/21_clip.ipynb #3c8098d8
+class EpochBatches(torch.utils.data.Sampler):
+    "Batch sampler: epoch `epoch`'s batches of (augmentation seed, index) from `(seed, epoch)`, from batch `start` on; this rank's share of each."
+    def __init__(self, n, batch_size, seed, rank=0, world=1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch, self.start = 0, 0
+    def plan(self, epoch):
+        "The global batches of `epoch`: lists of (augmentation seed, item index)."
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order, seeds = torch.randperm(self.n, generator=g).tolist(), torch.randint(2**62, (self.n,), generator=g).tolist()
+        return [[(seeds[i], i) for i in order[a:a + self.batch_size]] for a in range(0, self.n, self.batch_size)]
+    def share(self, batch):
+        "This rank's contiguous part of a global batch."
+        m = len(batch); return batch[self.rank * m // self.world:(self.rank + 1) * m // self.world]
+    def __len__(self): return math.ceil(self.n / self.batch_size)
+    def __iter__(self):
+        for b in self.plan(self.epoch)[self.start:]: yield self.share(b)
+
+class SeededItems(torch.utils.data.Dataset):
+    "`dataset` read with keys (seed, index): the item's random augmentation comes from `seed` (the global RNG is left untouched)."
+    def __init__(self, dataset): self.dataset = dataset
+    def __len__(self): return len(self.dataset)
+    def __getitem__(self, key):
+        seed, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[i]
+
+# %% ../nbs/21_clip.ipynb #1e009cdb
+def _train_loader(items, c, tf, rank=0, world=1):
+    "The training loader of run config `c`: seeded epoch batches, seeded augmentations, its own generator for worker seeds."
+    return torch.utils.data.DataLoader(SeededItems(ImageListDataset(items, c.root, tf)),
+                                       batch_sampler=EpochBatches(len(items), c.batch_size, c.seed, rank, world),
+                                       num_workers=c.workers, pin_memory=c.device.startswith('cuda'),
+                                       persistent_workers=c.workers > 0, generator=torch.Generator())
+
+# %% ../nbs/21_clip.ipynb #13350bd4
+class ClipLogits(nn.Module):
+    "Training forward: scaled cosine logits of a batch of images against the class prompts."
+    def __init__(self, model, tokens, autocast=None, train_text=True, train_vision=True, text_feats=None):
+        super().__init__()
+        self.model, self.tokens, self.autocast, self.train_text, self.train_vision, self.text_feats = \
+            model, tokens, autocast, train_text, train_vision, text_feats
+    def forward(self, x):
+        with _autocast(x.device, self.autocast):
+            tf = self.model.encode_text(self.tokens) if self.train_text else self.text_feats
+            with torch.set_grad_enabled(self.train_vision and torch.is_grad_enabled()): imf = self.model.encode_image(x)
+        return LOGIT_SCALE * F.normalize(imf.float(), dim=-1) @ F.normalize(tf.float(), dim=-1).T
+
+# %% ../nbs/21_clip.ipynb #013ed84a
+def new_loop_state():
+    "The training loop's state at the start of a run."
+    return dict(it=0, epoch=0, pos=0, loss_sum=0., n=0, correct=0, epochs=[], stopped=False, skipped=[])
+
+def _close_epoch(st, early_stop_loss):
+    n = st['n']
+    st['epochs'].append(dict(iters=st['it'], loss=st['loss_sum'] / n if n else float('nan'),
+                             train_acc=100 * st['correct'] / n if n else float('nan')))
+    st['stopped'] = st['epochs'][-1]['loss'] < early_stop_loss
+    st.update(epoch=st['epoch'] + 1, pos=0, loss_sum=0., n=0, correct=0)
+
 def train_loop(model, opt, sched, loader, tokens, total_iters, device, autocast=None, scaler=None,
-               early_stop_loss=0.01, train_text=True, train_vision=True, text_feats=None, desc='train'):
+               early_stop_loss=0.01, train_text=True, train_vision=True, text_feats=None, desc='train',
+               state=None, # a loop state to continue from (a checkpoint's); None: start
+               on_step=None, # on_step(state, stop) after every step
+               skip_nonfinite=False, # skip non-finite steps with a warning instead of stopping
+               forward=None, # the training forward module (e.g. DDP-wrapped `ClipLogits`); default: `ClipLogits(model, ...)`
+               signals=None): # a `StopSignals` whose `.signum` asks to stop
     "Train for `total_iters` iterations (or until an epoch's mean loss < `early_stop_loss`); return the history."
     from tqdm.auto import tqdm
-    it, epochs, stopped = 0, [], False
-    with tqdm(total=total_iters, desc=desc, unit='it', mininterval=1) as bar:
-        while it < total_iters and not stopped:
-            model.train(); loss_sum, n, correct = 0., 0, 0
+    st = new_loop_state() if state is None else state
+    fwd = forward or ClipLogits(model, tokens, autocast, train_text, train_vision, text_feats)
+    (rank, world), bs = dist_info(), loader.batch_sampler
+    params = [p for g in opt.param_groups for p in g['params']]
+    with tqdm(total=total_iters, initial=st['it'], desc=desc, unit='it', mininterval=1, disable=rank > 0) as bar:
+        while st['it'] < total_iters and not st['stopped']:
+            bs.epoch, bs.start = st['epoch'], st['pos']
+            sizes = [len(b) for b in bs.plan(st['epoch'])]
+            model.train()
             for x, y in loader:
+                n_glob = sizes[st['pos']]
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with _autocast(device, autocast):
-                    tf = model.encode_text(tokens) if train_text else text_feats
-                    with torch.set_grad_enabled(train_vision): imf = model.encode_image(x)
-                logits = LOGIT_SCALE * F.normalize(imf.float(), dim=-1) @ F.normalize(tf.float(), dim=-1).T
-                loss = F.cross_entropy(logits, y)
+                logits = fwd(x)
+                if world == 1: loss = F.cross_entropy(logits, y); loss_sum = loss.detach().double() * len(y)
+                else: loss_sum = F.cross_entropy(logits, y, reduction='sum'); loss = loss_sum * (world / n_glob)
                 opt.zero_grad(set_to_none=True)
-                if scaler is None: loss.backward(); opt.step()
-                else: scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
-                sched.step(); it += 1
-                loss_sum += loss.item() * len(y); n += len(y); correct += int((logits.argmax(1) == y).sum())
-                bar.update(1); bar.set_postfix(loss=f'{loss.item():.4f}', refresh=False)
-                if it == total_iters: break
-            epochs.append(dict(iters=it, loss=loss_sum / n, train_acc=100 * correct / n))
-            stopped = epochs[-1]['loss'] < early_stop_loss
-    return dict(steps=it, epochs=epochs, early_stopped=stopped and it < total_iters)
+                (loss if scaler is None else scaler.scale(loss)).backward()
+                if isinstance(opt, SO): all_reduce_sparse_grads(opt)
+                ok = torch.isfinite(loss.detach()) & (torch.tensor(True, device=loss.device) if scaler else grads_finite(params, opt).to(loss.device))
+                stats = torch.stack([loss_sum.detach().double(), (logits.argmax(1) == y).sum().double(), (~ok).double(),
+                                     torch.tensor(float(bool(signals and signals.signum)), dtype=torch.float64, device=loss.device)])
+                loss_g, correct_g, bad, stop = all_reduce_sum(stats).tolist()
+                if bad:
+                    msg = f"non-finite loss or gradient at step {st['it'] + 1} (epoch {st['epoch'] + 1}, loss {loss_g / n_glob:.4g})"
+                    if not skip_nonfinite:
+                        raise UserError(msg + '; lower --lr or check the data, or pass --skip-nonfinite to skip such steps')
+                    warnings.warn(msg + ': step skipped (--skip-nonfinite)')
+                    opt.zero_grad(set_to_none=True)
+                    if isinstance(opt, SO): discard_sparse_grads(opt)
+                    st['skipped'].append(st['it'] + 1)
+                else:
+                    if scaler is None: opt.step()
+                    else: scaler.step(opt); scaler.update()
+                    st['loss_sum'] += loss_g; st['n'] += n_glob; st['correct'] += int(correct_g)
+                sched.step(); st['it'] += 1; st['pos'] += 1
+                if st['pos'] == len(sizes) or st['it'] == total_iters: _close_epoch(st, early_stop_loss)
+                bar.update(1); bar.set_postfix(loss=f'{loss_g / n_glob:.4f}', refresh=False)
+                if on_step is not None: on_step(st, bool(stop))
+                if st['it'] == total_iters: break
+    return dict(steps=st['it'], epochs=st['epochs'], early_stopped=st['stopped'] and st['it'] < total_iters, skipped_steps=st['skipped'])
 
-# %% ../nbs/21_clip.ipynb #3bf61713
+# %% ../nbs/21_clip.ipynb #677b92a8
 METHODS = ('zeroshot', 'so', 'lora', 'adam')
 DENSITY_PRESETS = {'paper': 5e-5, 'figure': 5e-4}
 _N_ITERS = {'so': 2000, 'adam': 2000, 'lora': 500, 'zeroshot': 0}
@@ -340,7 +432,11 @@ class ClipConfig:
     rank: int = 2; alpha: float = 1.0; lora_dropout: float = 0.25
     autocast: str = None          # 'none', 'fp16', 'bf16'; None: fp16 for lora on CUDA, else none
     early_stop_loss: float = None # 0.01 for so/adam, 0 (off) for lora
+    sparse_backward: bool = False # SO only: compute just the k gradient entries SO reads (no dense weight gradients)
     device: str = 'auto'; workers: int = None; test_batch_size: int = 256
+    checkpoint_every: int = 0     # write a resume checkpoint every N iterations (0: only at SIGTERM/SIGINT)
+    skip_nonfinite: bool = False  # skip steps with a non-finite loss or gradient (with a warning) instead of stopping
+    check_sync: int = 0           # under torch.distributed: check every N iterations that the ranks' weights agree
 
     def resolved(self):
         "A copy with defaults filled in, validated (bad values raise UserError)."
@@ -351,6 +447,10 @@ class ClipConfig:
         if c.autocast not in (None, 'none', 'fp16', 'bf16'): raise UserError(f"--autocast must be none, fp16 or bf16, got {c.autocast!r}")
         for k in ('shots', 'batch_size', 'T', 'rank', 'test_batch_size'):
             if not isinstance(getattr(c, k), int) or getattr(c, k) < 1: raise UserError(f"--{k.replace('_', '-')} must be a positive integer")
+        for k in ('checkpoint_every', 'check_sync'):
+            if not isinstance(getattr(c, k), int) or getattr(c, k) < 0: raise UserError(f"--{k.replace('_', '-')} must be an integer >= 0")
+        if c.sparse_backward and c.method != 'so':
+            raise UserError(f"--sparse-backward computes only the gradient entries SO reads: it needs --method so, not --method {c.method}")
         block_indices(c.position, 12)
         if c.encoder not in ENCODERS: raise UserError(f"unknown --encoder {c.encoder!r}; choose from: {', '.join(ENCODERS)}")
         if c.device == 'auto': c.device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -361,17 +461,20 @@ class ClipConfig:
         if c.density_ratio is None: c.density_ratio = DENSITY_PRESETS[c.preset]
         if not 0 < c.density_ratio <= 1: raise UserError(f"--density-ratio must be in (0, 1], got {c.density_ratio}")
         if c.autocast is None: c.autocast = 'fp16' if c.method == 'lora' and c.device.startswith('cuda') else 'none'
+        if c.sparse_backward and c.autocast == 'fp16':
+            raise UserError("--sparse-backward cannot run with --autocast fp16: the gradient scaler only sees dense .grad; use bf16 or none")
         if c.early_stop_loss is None: c.early_stop_loss = 0. if c.method == 'lora' else 0.01
         if c.workers is None: c.workers = min(8, os.cpu_count() or 1)
         return c
 
-# %% ../nbs/21_clip.ipynb #19a14bd0
+# %% ../nbs/21_clip.ipynb #bde0104e
 def _slug(s): return re.sub(r'[^A-Za-z0-9.+-]+', '-', str(s)).strip('-')
 
 def run_name(c):
     "The method + hyperparameters part of the run folder, e.g. 'so_d5e-05_T5'."
     c, d = c.resolved(), ClipConfig(method=c.method, device=c.device).resolved()
     name = {'so': f'so_d{c.density_ratio:g}_T{c.T}', 'lora': f'lora_r{c.rank}', 'adam': 'adam', 'zeroshot': 'zeroshot'}[c.method]
+    if c.sparse_backward: name += '_sb'
     if (c.backbone, c.pretrained) != (d.backbone, d.pretrained):
         name += f'_{_slug(Path(c.backbone).stem)}-{_slug(Path(str(c.pretrained)).stem)}'
     if c.method == 'zeroshot': return name
@@ -385,7 +488,7 @@ def run_id(c):
     "The run's folder below the output root: dataset/{shots}shot/seed{seed}/{method}_{hparams}."
     return f'{c.dataset}/{c.shots}shot/seed{c.seed}/{run_name(c)}'
 
-# %% ../nbs/21_clip.ipynb #bc330781
+# %% ../nbs/21_clip.ipynb #5e2e0091
 def _prepare(c):
     "Model (on c.device), prompt tokens, splits and transforms of run config `c`."
     splits = load_splits(c.dataset, c.root)  # first: a missing dataset fails before a download
@@ -399,14 +502,14 @@ def _loader(items, c, tf, train):
                                        persistent_workers=train and c.workers > 0)
 
 def evaluate(model, tokens, loader, c, cached=None):
-    "(correct, total) on `loader`; `cached` (features, labels) stands in for the images when the vision tower is unchanged."
+    "(correct, total) on `loader` (summed over the ranks); `cached` (features, labels) stands in for the images when the vision tower is unchanged."
     model.eval()
     text = encode_prompts(model, tokens, c.autocast)
-    return top1(*(cached if cached is not None else image_features(model, loader, c.device, c.autocast)), text)
+    return _counts(top1(*(cached if cached is not None else image_features(model, loader, c.device, c.autocast)), text))
 
 def _vision_trains(c): return c.method != 'zeroshot' and c.encoder in ('vision', 'both')
 
-# %% ../nbs/21_clip.ipynb #36f656d4
+# %% ../nbs/21_clip.ipynb #30147fcc
 def _optimizer(model, mats, c):
     "(optimizer, trained parameters by name) for the run's method."
     if c.method == 'lora':
@@ -414,10 +517,28 @@ def _optimizer(model, mats, c):
         return torch.optim.AdamW(list(lora.values()), lr=c.lr, betas=(0.9, 0.999), weight_decay=1e-2), lora
     freeze_except(model, mats.values())
     if c.method == 'so':
-        return SO(list(mats.values()), lr=c.lr, betas=(0.9, 0.999), weight_decay=0., density_ratio=c.density_ratio, T=c.T), mats
+        gen = None
+        if dist_info()[1] > 1 or launched_by_torchrun():
+            gen = torch.Generator(c.device).manual_seed(broadcast_object(c.seed + 2**32 if dist_info()[0] == 0 else None))
+        opt = SO(list(mats.values()), lr=c.lr, betas=(0.9, 0.999), weight_decay=0., density_ratio=c.density_ratio, T=c.T, generator=gen)
+        if c.sparse_backward: SparseBackward(model, opt)
+        return opt, mats
     return torch.optim.Adam(list(mats.values()), lr=c.lr, betas=(0.9, 0.999), weight_decay=0.), mats
 
-# %% ../nbs/21_clip.ipynb #99dfad9f
+def _ddp(fwd, opt, c):
+    "`fwd` wrapped in DistributedDataParallel under torch.distributed, leaving out the weights that get sparse gradients."
+    if dist_info()[1] == 1: return fwd
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    sb = {id(p) for p in sparse_grad_params(fwd)}
+    ignore = [n for n, p in fwd.named_parameters() if id(p) in sb]
+    if not any(p.requires_grad for n, p in fwd.named_parameters() if n not in ignore): return fwd  # nothing for DDP to reduce
+    DDP._set_params_and_buffers_to_ignore_for_model(fwd, ignore)
+    dev, kw = torch.device(c.device), {}
+    import inspect  # the prompts' attention mask is the only buffer, and it never changes: no need to broadcast it every step
+    kw = {'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(DDP).parameters else {'broadcast_buffers': False}
+    return DDP(fwd, device_ids=[dev.index] if dev.type == 'cuda' else None, **kw)
+
+# %% ../nbs/21_clip.ipynb #d235812e
 _KIND = {'so': 'sparse-delta', 'adam': 'matrices', 'lora': 'lora'}
 _MATCH = ('backbone', 'pretrained', 'dataset', 'shots', 'seed', 'method', 'hparams', 'encoder', 'position')
 
@@ -464,7 +585,48 @@ def restore(model, c, out_dir):
             for n, v in t.items(): want[n].copy_(v.to(want[n].device))
     return ck['meta']
 
-# %% ../nbs/21_clip.ipynb #1406a9d7
+# %% ../nbs/21_clip.ipynb #d54059e6
+_OPERATIONAL = ('root', 'device', 'workers', 'test_batch_size', 'checkpoint_every', 'skip_nonfinite', 'check_sync')
+
+def _identity(c):
+    "The settings a resume checkpoint must share with the run that resumes it."
+    return {k: v for k, v in asdict(c).items() if k not in _OPERATIONAL}
+
+def _write_resume(out, c, st, mats, base, base_hash, trained, opt, sched, scaler):
+    "Write the resume checkpoint after iteration st['it'] (rank 0), unless a weight or a moment is not finite."
+    rank, world = dist_info()
+    bad = nonfinite(trained) + nonfinite({f'optimizer state {k} of tensor {i}': v for i, s in enumerate(opt.state.values()) for k, v in s.items()})
+    if bad: raise UserError(f"after iteration {st['it']} {bad[0]} holds NaN or infinite values: the checkpoint was not written "
+                            f"(the last good one is kept); lower --lr or check the data")
+    rngs = all_gather_object(rng_state(c.device))
+    if rank: return
+    tensors = sparse_delta(mats, base) if c.method == 'so' else {n: p.detach().cpu().clone() for n, p in trained.items()}
+    save_resume(out / RESUME_FILE, dict(pipeline='clip', identity=_identity(c), world_size=world, base_hash=base_hash, step=st['it'],
+                                        loop=st, trained=tensors, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                                        scaler=scaler.state_dict() if scaler is not None else None, rng=rngs))
+
+def _read_resume(out, c, mats, base_hash, trained, opt, sched, scaler):
+    "Load the run's resume checkpoint into weights, optimizer, scheduler, scaler and generators; return the loop state."
+    rank, world = dist_info()
+    path = Path(out) / RESUME_FILE
+    ck = load_resume(path, 'clip', _identity(c), world)
+    if ck['base_hash'] != base_hash:
+        raise UserError(f"{path} was trained from other pretrained weights than {c.backbone} ({c.pretrained}) has here; delete it to start over")
+    t = ck['trained']
+    for n, v in t.items():
+        shape = v['shape'] if isinstance(v, dict) else list(v.shape)
+        if n not in trained or list(trained[n].shape) != list(shape):
+            raise UserError(f"{path}: its tensor {n} {tuple(shape)} is not a trained tensor of this model; delete it to start over")
+    if c.method == 'so': apply_delta(mats, t)
+    else:
+        with torch.no_grad():
+            for n, v in t.items(): trained[n].copy_(v.to(trained[n].device))
+    opt.load_state_dict(ck['optimizer']); sched.load_state_dict(ck['scheduler'])
+    if scaler is not None and ck['scaler']: scaler.load_state_dict(ck['scaler'])
+    set_rng_state(ck['rng'][rank], c.device)
+    return ck['loop']
+
+# %% ../nbs/21_clip.ipynb #ac177c7d
 def _versions():
     from importlib.metadata import version, PackageNotFoundError
     def v(p):
@@ -480,9 +642,21 @@ def _peak_memory(device):
 
 def _pct(ct): return 100 * ct[0] / ct[1]
 
-def run(cfg, out_dir):
-    "Run one CLIP few-shot experiment (a `ClipConfig` or its dict) into `out_dir`; return the result dict."
+def _counts(ct):
+    "(correct, total) summed over the ranks."
+    return tuple(int(v) for v in all_reduce_sum(torch.tensor(ct, dtype=torch.float64)).tolist())
+
+def _check_shares(n, c, world):
+    "Under torch.distributed every rank needs at least one image of every batch."
+    last = n % c.batch_size or c.batch_size
+    if world > 1 and min(c.batch_size, last) < world:
+        raise UserError(f"with {world} processes every batch needs at least {world} images, but batches of {c.batch_size} over "
+                        f"{n} training images leave a last batch of {last}; change --batch-size or the number of processes")
+
+def run(cfg, out_dir, resume=False):
+    "Run one CLIP few-shot experiment (a `ClipConfig` or its dict) into `out_dir`; `resume`: continue from its checkpoint."
     c, out, t0 = (cfg if isinstance(cfg, ClipConfig) else ClipConfig(**cfg)).resolved(), Path(out_dir), time.time()
+    rank, world = dist_info()
     if c.device.startswith('cuda'): torch.cuda.reset_peak_memory_stats(c.device)
     model, tokens, splits, train_tf, test_tf = _prepare(c)
     full_bytes = _nbytes(model.state_dict().values())
@@ -490,31 +664,52 @@ def run(cfg, out_dir):
     base = {n: p.detach().cpu().clone() for n, p in mats.items()}
     seed_everything(c.seed)
     train_items, val_items = few_shot(splits, c.shots)
-    write_item_list(out / 'train_items.jsonl', train_items); write_item_list(out / 'val_items.jsonl', val_items)
-    test = _loader(splits.test, c, test_tf, train=False)
+    if rank == 0: write_item_list(out / 'train_items.jsonl', train_items); write_item_list(out / 'val_items.jsonl', val_items)
+    test = _loader(splits.test[rank::world], c, test_tf, train=False)
     text0, cached = encode_prompts(model, tokens, c.autocast), image_features(model, test, c.device, c.autocast)
-    zs = top1(*cached, text0)
-    hist, ck, final, n_trained = dict(steps=0, epochs=[], early_stopped=False), None, zs, 0
-    if c.method != 'zeroshot':
+    zs = _counts(top1(*cached, text0))
+    hist, ck, final, n_trained, started, trained = dict(steps=0, epochs=[], early_stopped=False, skipped_steps=[]), None, zs, 0, 0, {}
+    if c.method == 'zeroshot':
+        if rank == 0: log_attempt(out, method=c.method, world_size=world)
+    else:
+        _check_shares(len(train_items), c, world)
         opt, trained = _optimizer(model, mats, c)
         n_trained, total = sum(p.numel() for p in trained.values()), c.n_iters * c.shots
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total, eta_min=1e-6)
         scaler = torch.amp.GradScaler(torch.device(c.device).type) if c.autocast == 'fp16' else None
-        hist = train_loop(model, opt, sched, _loader(train_items, c, train_tf, train=True), tokens, total, c.device,
-                          c.autocast, scaler, c.early_stop_loss, train_text=c.encoder != 'vision',
-                          train_vision=c.encoder != 'text', text_feats=text0, desc=run_id(c))
+        fwd = _ddp(ClipLogits(model, tokens, c.autocast, c.encoder != 'vision', c.encoder != 'text', text0), opt, c)
+        loader, base_hash, state = _train_loader(train_items, c, train_tf, rank, world), weights_hash(base), None
+        if resume and (out / RESUME_FILE).exists(): state = _read_resume(out, c, mats, base_hash, trained, opt, sched, scaler)
+        elif resume and rank == 0: print(f'{out}: no checkpoint to resume from; starting from the beginning', file=sys.stderr)
+        started = state['it'] if state else 0
+        with StopSignals() as sig:
+            def on_step(st, stop):
+                if c.check_sync and st['it'] % c.check_sync == 0: check_in_sync(trained, st['it'])
+                if stop or (c.checkpoint_every and st['it'] % c.checkpoint_every == 0):
+                    _write_resume(out, c, st, mats, base, base_hash, trained, opt, sched, scaler)
+                if stop:
+                    sig.handled = True
+                    raise Interrupted(f"stopped by {signal_name(sig.signum or 15)} after iteration {st['it']} of {total}; checkpoint: "
+                                      f"{out / RESUME_FILE}; run the same command with --resume to continue (a sweep resumes by itself)",
+                                      sig.signum or 15)
+            if rank == 0: log_attempt(out, method=c.method, world_size=world, resumed_from=started)
+            hist = train_loop(model, opt, sched, loader, tokens, total, c.device, c.autocast, scaler, c.early_stop_loss,
+                              train_text=c.encoder != 'vision', train_vision=c.encoder != 'text', text_feats=text0, desc=run_id(c),
+                              state=state, on_step=on_step, skip_nonfinite=c.skip_nonfinite, forward=fwd, signals=sig)
         final = evaluate(model, tokens, test, c, None if _vision_trains(c) else cached)
-        ck = _save(out, c, mats, base, trained, full_bytes)
+        if rank == 0: ck = _save(out, c, mats, base, trained, full_bytes)
+    if rank == 0: (out / RESUME_FILE).unlink(missing_ok=True)
     return dict(kind='clip', dataset=c.dataset, shots=c.shots, seed=c.seed, method=c.method, hparams=run_name(c),
                 top1=_pct(final), correct=final[0], total=final[1], zero_shot_top1=_pct(zs), zero_shot_correct=zs[0],
                 steps=hist['steps'], total_iters=c.n_iters * c.shots, early_stopped=hist['early_stopped'],
                 final_epoch_loss=hist['epochs'][-1]['loss'] if hist['epochs'] else None, epochs=hist['epochs'],
+                skipped_steps=hist['skipped_steps'], resumed_from_step=started, sparse_backward=c.sparse_backward, world_size=world,
                 n_classes=len(splits.classnames), n_train=len(train_items), n_test=len(splits.test),
-                trained_weights=n_trained, checkpoint=ck, few_shot_list='train_items.jsonl',
-                wall_time_s=time.time() - t0, **_peak_memory(c.device), device=c.device,
+                trained_weights=n_trained, trained_sha1=tensors_sha1(trained) if trained else None, checkpoint=ck,
+                few_shot_list='train_items.jsonl', wall_time_s=time.time() - t0, **_peak_memory(c.device), device=c.device,
                 machine=machine_info(c.device), versions=_versions(), config=asdict(c))
 
-# %% ../nbs/21_clip.ipynb #a742e98a
+# %% ../nbs/21_clip.ipynb #61ff0268
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     "Show defaults, except None/False ones (their help says what happens)."
     def _get_help_string(self, action):
@@ -536,6 +731,7 @@ def _parser(prog, sweep=False):
         ap.add_argument('--seed', type=int, default=1, help='seeds the few-shot draw and the training')
         ap.add_argument('--method', required=True, help=f"one of: {', '.join(METHODS)}")
         ap.add_argument('--eval-only', action='store_true', help="reload the run's checkpoint and re-evaluate it")
+        ap.add_argument('--resume', action='store_true', help="continue from the run's resume checkpoint (starts from the beginning when there is none)")
     ap.add_argument('--backbone', default=DEFAULT_BACKBONE, help='open_clip model name, or path of an open_clip model-config JSON')
     ap.add_argument('--pretrained', default=DEFAULT_PRETRAINED, help="open_clip tag (openai), checkpoint file, or 'none'")
     ap.add_argument('--n-iters', type=int, help='iterations per shot (default: 2000 for so/adam, 500 for lora)')
@@ -551,6 +747,10 @@ def _parser(prog, sweep=False):
     ap.add_argument('--lora-dropout', type=float, default=0.25, help='dropout on the LoRA branch')
     ap.add_argument('--autocast', help='none, fp16 or bf16 (default: fp16 for lora on CUDA, else none)')
     ap.add_argument('--early-stop-loss', type=float, help="stop when an epoch's mean loss is below (default 0.01; lora: off)")
+    ap.add_argument('--sparse-backward', action='store_true', help="SO only: compute just the k gradient entries SO reads (no dense weight gradients)")
+    ap.add_argument('--checkpoint-every', type=int, default=0, help='write a resume checkpoint every N iterations (0: only at SIGTERM/SIGINT)')
+    ap.add_argument('--skip-nonfinite', action='store_true', help='skip steps whose loss or gradient is not finite, with a warning, instead of stopping')
+    ap.add_argument('--check-sync', type=int, default=0, help='under torchrun: check every N iterations that all ranks hold the same weights')
     ap.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     ap.add_argument('--workers', type=int, help='data loader workers (default: min(8, CPUs))')
     ap.add_argument('--test-batch-size', type=int, default=256, help='evaluation batch size')
@@ -563,23 +763,37 @@ _SHARED = [f.name for f in fields(ClipConfig) if f.name not in ('dataset', 'shot
 def _config(a, **run):
     return ClipConfig(**{k: getattr(a, k) for k in _SHARED}, **run).resolved()
 
-# %% ../nbs/21_clip.ipynb #bf3139e8
+# %% ../nbs/21_clip.ipynb #2aee14a8
 def _summary(r):
     s = f"{r['dataset']} {r['shots']}-shot seed {r['seed']} {r['hparams']}: zero-shot {r['zero_shot_top1']:.2f}%, top-1 {r['top1']:.2f}%"
     if r['method'] != 'zeroshot': s += f" after {r['steps']} iterations{' (early stop)' if r['early_stopped'] else ''}"
     return s
 
 def cli(argv=None):
-    "`so-tutorial clip`: one CLIP few-shot run (or --eval-only of a finished one)."
+    "`so-tutorial clip`: one CLIP few-shot run (or --eval-only of a finished one); runs under torchrun too."
     a = _parser('so-tutorial clip').parse_args(argv)
     c = _config(a, dataset=a.dataset, shots=a.shots, seed=a.seed, method=a.method)
     out = Path(a.output) / run_id(c)
-    if a.eval_only: return _eval_only(c, out)
+    if a.eval_only:
+        if launched_by_torchrun(): raise UserError('--eval-only runs in one process; start it without torchrun')
+        return _eval_only(c, out)
     if result_exists(out) and not a.force:
         print(f'{out}: finished already (result.json); --force reruns it'); return 0
-    res = run(c, out)
-    finish_run(out, {**res, 'run_id': run_id(c)})
-    print(_summary(res)); print('wrote', out / 'result.json')
+    if (out / RESUME_FILE).exists() and not (a.resume or a.force):
+        raise UserError(f"{out} holds the checkpoint of an interrupted run ({RESUME_FILE}): pass --resume to continue it, "
+                        f"or --force to start over")
+    c, clean = replace(c, device=init_distributed(c.device)), False
+    try:
+        res = run(c, out, resume=a.resume)
+        if dist_info()[0] == 0:
+            finish_run(out, {**res, 'run_id': run_id(c)})
+            print(_summary(res)); print('wrote', out / 'result.json')
+        clean = True
+    except Interrupted as e:  # every rank stops at the same step
+        if dist_info()[0] == 0: print(f'so-tutorial clip: {e}', file=sys.stderr)
+        clean = True
+        return 128 + e.signum
+    finally: leave_distributed(sync=clean)
     return 0
 
 def _eval_only(c, out):
@@ -598,7 +812,7 @@ def _eval_only(c, out):
         return 1
     return 0
 
-# %% ../nbs/21_clip.ipynb #b2989bbc
+# %% ../nbs/21_clip.ipynb #11184fb2
 def _items(xs, conv=str): return [conv(v) for x in xs for v in str(x).split(',') if v]
 
 def sweep_jobs(a):
@@ -611,8 +825,11 @@ def sweep_jobs(a):
 def sweep_cli(argv=None):
     "`so-tutorial sweep clip`: a resumable grid of CLIP runs."
     a = _parser('so-tutorial sweep clip', sweep=True).parse_args(argv)
+    if launched_by_torchrun(): raise UserError('a sweep runs one process per GPU: start one sweep per GPU with --shard i/n instead of torchrun')
     jobs = sweep_jobs(a)
-    res = run_grid(jobs, run, a.output, shard=a.shard, force=a.force, desc='clip sweep')
+    try: res = run_grid(jobs, run, a.output, shard=a.shard, force=a.force, desc='clip sweep')
+    except Interrupted as e:
+        print(f'so-tutorial sweep clip: {e}', file=sys.stderr); return 128 + e.signum
     failed = [r['run_id'] for r in res if r.get('status') != 'ok']
     print(f"{len(res) - len(failed)} of {len(res)} runs finished in {a.output}" + (f"; failed: {', '.join(failed)}" if failed else ''))
     return 1 if failed else 0

@@ -220,3 +220,20 @@ def test_tiny_tokenizer_knows_its_words(fx):
     tok, _ = bert.load_model(fx['model'])
     ids = tok('the cat sits', 'a dog')['input_ids']
     assert tok.unk_token_id not in ids and len(ids) == 8
+
+
+def test_sparse_backward_flag(fx, tmp_path, capsys):
+    out = tmp_path / 'sb'
+    args = ('--method', 'so', '--kappa', '1e-2', '--loss-stop', '0', '--max-steps', '4')
+    assert main(_cli(fx, *args, '--sparse-backward', '--output', str(out))) == 0
+    res = json.loads((out / 'result.json').read_text())
+    assert res['config']['sparse_backward'] is True and res['steps'] == 4 and res['status'] == 'ok'
+    cfg = bert.bert_config(method='so', kappa=1e-2, sparse_backward=True, device='cpu')
+    assert bert.arm_id(cfg).endswith('_sb') and bert.arm_id(cfg) != bert.arm_id({**cfg, 'sparse_backward': False})
+    # the sparse backward really ran: its weights differ in the last bits from the dense-gradient run's
+    assert main(_cli(fx, *args, '--output', str(tmp_path / 'dense'))) == 0
+    dense = json.loads((tmp_path / 'dense' / 'result.json').read_text())
+    assert dense['config']['sparse_backward'] is False and dense['trained_sha1'] != res['trained_sha1']
+    capsys.readouterr()
+    assert main(_cli(fx, '--method', 'lora', '--sparse-backward', '--output', str(tmp_path / 'lora'))) == 1
+    assert 'needs --method so' in capsys.readouterr().err

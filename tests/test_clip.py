@@ -351,3 +351,20 @@ def test_autocast_bf16_and_text_only(env, tmp_path):
     assert r['steps'] == 4 and r['config']['autocast'] == 'bf16' and clip.run_name(c).endswith('_enc-text_ac-bf16')
     ck = torch.load(tmp_path / 'delta.pt', weights_only=True)
     assert ck['tensors'] and all(n.startswith('transformer.') for n in ck['tensors'])
+
+
+# --- sparse backward (issue 6) ---------------------------------------------------------------------
+
+def test_sparse_backward_flag(env, tmp_path):
+    code, _, err = quiet(argv_for(env, 'so', out=tmp_path) + ['--sparse-backward'])
+    assert code == 0, err
+    sb, dense = clip.run_id(cfg_for(env, 'so', sparse_backward=True)), clip.run_id(cfg_for(env, 'so'))
+    assert '_sb_' in sb and sb.replace('_sb', '') == dense  # never the folder of a dense-gradient run
+    r = json.loads((tmp_path / sb / 'result.json').read_text())
+    assert r['status'] == 'ok' and r['sparse_backward'] is True and r['config']['sparse_backward'] is True and r['steps'] == 10
+    assert r['checkpoint']['changed_entries'] > 0  # the sparse gradients reached SO: weights moved
+    for method in ('lora', 'adam'):
+        code, _, err = quiet(argv_for(env, method, out=tmp_path) + ['--sparse-backward'])
+        assert code == 1 and '--sparse-backward' in err and 'needs --method so' in err
+    code, _, err = quiet(argv_for(env, 'so', out=tmp_path, autocast='fp16') + ['--sparse-backward'])
+    assert code == 1 and 'gradient scaler' in err

@@ -143,3 +143,13 @@ def test_bert_matches_dense():
             opt.step()
         return list(model.parameters())
     assert max_diff(run(False), run(True)) < 1e-5
+
+
+def test_zero_grad_discards_pending_sparse_values():
+    lin = nn.Linear(8, 8)
+    opt = SO([lin.weight], density_ratio=0.25); SparseBackward(lin, opt)
+    lin(torch.randn(3, 8)).sum().backward()
+    assert lin.weight in opt._sparse_grads
+    w0 = lin.weight.detach().clone()
+    opt.zero_grad(); opt.step()
+    assert not opt._sparse_grads and torch.equal(lin.weight, w0)
