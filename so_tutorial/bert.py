@@ -7,28 +7,27 @@ __all__ = ['GLUE_RTE', 'DEFAULT_MODEL', 'DEFAULTS', 'RTE_COLUMNS', 'TOY_WORDS', 
            'PUBLISHED_SO_GRID', 'PUBLISHED_LORA_GRID', 'bert_config', 'check_rte', 'load_rte_splits', 'write_toy_rte',
            'few_shot', 'load_model', 'save_tiny_bert', 'encode', 'EpochShuffle', 'make_loaders', 'is_dense',
            'sparse_k_table', 'so_optimizer', 'dense_label', 'lora_model', 'lora_kinds', 'trainable', 'new_loop_state',
-           'train_loop', 'evaluate', 'seed_all', 'prepare', 'model_label', 'result_line', 'run_bert',
-           'train_with_trainer', 'arm_id', 'grid_root', 'run_id', 'check_existing', 'cli', 'grid_jobs', 'grid_csv_name',
-           'grid_rows', 'write_grid_csv', 'sweep_cli', 'compare_published']
+           'train_loop', 'evaluate', 'prepare', 'model_label', 'result_line', 'run_bert', 'train_with_trainer',
+           'arm_id', 'grid_root', 'run_id', 'check_existing', 'cli', 'grid_jobs', 'grid_csv_name', 'grid_rows',
+           'write_grid_csv', 'sweep_cli', 'compare_published']
 
-# %% ../nbs/25_bert.ipynb #8517c034
+# %% ../nbs/25_bert.ipynb #57749294
 import os, sys, json, random, time, math, tempfile, argparse, warnings
 from collections import Counter
-from importlib.metadata import version, PackageNotFoundError
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from .optim import SO
 from .groups import sparse_dense_groups
-from .io import UserError, atomic_write, machine_info
+from .io import UserError, atomic_write, machine_info, peak_memory, versions, seed_everything
 from .sparse import SparseBackward, all_reduce_sparse_grads, discard_sparse_grads, grads_finite, sparse_grad_params
 from .sweep import (run_grid, finish_run, result_exists, RESUME_FILE, save_resume, load_resume, rng_state, set_rng_state,
                                nonfinite, tensors_sha1, Interrupted, StopSignals, signal_name, log_attempt, launched_by_torchrun,
-                               init_distributed, leave_distributed, dist_info, broadcast_object, all_gather_object, all_reduce_sum,
+                               run_as_rank, check_resumable, dist_info, broadcast_object, all_gather_object, all_reduce_sum,
                                check_in_sync)
 
-# %% ../nbs/25_bert.ipynb #4fceeb9c
+# %% ../nbs/25_bert.ipynb #2092b3ca
 GLUE_RTE = ('nyu-mll/glue', 'rte') # Hub dataset and config used when no --data is given
 DEFAULT_MODEL = 'bert-base-uncased'
 DEFAULTS = dict(method='so', model=DEFAULT_MODEL, data=None, # data: None = GLUE RTE from the Hub, or a local folder
@@ -40,7 +39,7 @@ DEFAULTS = dict(method='so', model=DEFAULT_MODEL, data=None, # data: None = GLUE
                 checkpoint_every=0, skip_nonfinite=False, check_sync=0) # resume checkpoints, non-finite steps, rank checks (the loop driver)
 _ARM_KEYS = {'so': ('kappa', 'T', 'legacy_dense_bias', 'sampler', 'sparse_backward'), 'lora': ('rank',)}
 
-# %% ../nbs/25_bert.ipynb #fbfb59f2
+# %% ../nbs/25_bert.ipynb #8c8a309c
 def _check(ok, msg):
     if not ok: raise UserError(msg)
 
@@ -78,7 +77,7 @@ def bert_config(**kw):
            "checkpoints (save_steps, resume_from_checkpoint)")
     return c
 
-# %% ../nbs/25_bert.ipynb #3bfa06c7
+# %% ../nbs/25_bert.ipynb #eec565ca
 RTE_COLUMNS = ('sentence1', 'sentence2', 'label')
 _BUILDERS = {'.jsonl': 'json', '.json': 'json', '.csv': 'csv'}
 
@@ -103,7 +102,7 @@ def check_rte(ds, where):
                             + (f" and {len(bad) - 1} more" if len(bad) > 1 else ''))
     return ds
 
-# %% ../nbs/25_bert.ipynb #020bb50d
+# %% ../nbs/25_bert.ipynb #ec7fa74b
 def load_rte_splits(data=None):
     "`{'train', 'validation'}` datasets: GLUE RTE from the Hub when `data` is None, else the files in the folder `data`."
     from datasets import load_dataset
@@ -123,7 +122,7 @@ def load_rte_splits(data=None):
         out[split] = check_rte(ds, str(f))
     return out
 
-# %% ../nbs/25_bert.ipynb #4ddc72a6
+# %% ../nbs/25_bert.ipynb #9daa8555
 TOY_WORDS = ('the a cat dog bird fish man woman child car house tree river city sun moon red blue green big small old '
              'new runs sits eats sees likes has is on in near under over with and').split()
 
@@ -139,7 +138,7 @@ def write_toy_rte(path, n_train=64, n_val=40, fmt='jsonl', seed=0):
         atomic_write(path / f'{split}.{fmt}', df.to_json(orient='records', lines=True) if fmt == 'jsonl' else df.to_csv(index=False))
     return path
 
-# %% ../nbs/25_bert.ipynb #f96ca08d
+# %% ../nbs/25_bert.ipynb #193229f2
 def few_shot(train, shots=32, seed=42, balanced=False):
     "The paper's draw `train.shuffle(seed).select(range(shots))`, or the first `shots/2` of each label in that order."
     _check(len(train) >= shots, f"the train split has {len(train)} examples, fewer than --shots {shots}")
@@ -151,7 +150,7 @@ def few_shot(train, shots=32, seed=42, balanced=False):
                                              f"{labels.count(0)} entailment and {labels.count(1)} not-entailment")
     return shuffled.select(sorted(keep[0] + keep[1]))
 
-# %% ../nbs/25_bert.ipynb #005752d7
+# %% ../nbs/25_bert.ipynb #7578f34d
 def load_model(model=DEFAULT_MODEL, num_labels=2):
     "`(tokenizer, model)` from a local folder or a Hub id, the model with a `num_labels` classification head."
     from transformers import AutoTokenizer, AutoModelForSequenceClassification
@@ -169,7 +168,7 @@ def load_model(model=DEFAULT_MODEL, num_labels=2):
                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
     return tok, net
 
-# %% ../nbs/25_bert.ipynb #552b3a74
+# %% ../nbs/25_bert.ipynb #e064babf
 SPECIAL_TOKENS = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']
 
 def save_tiny_bert(path, vocab_size=None, # pad the toy vocabulary with [unused*] tokens up to this size (e.g. 30522)
@@ -185,7 +184,7 @@ def save_tiny_bert(path, vocab_size=None, # pad the toy vocabulary with [unused*
     net.save_pretrained(path); BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(path)
     return Path(path)
 
-# %% ../nbs/25_bert.ipynb #8f15b6d2
+# %% ../nbs/25_bert.ipynb #22a9aa55
 def encode(ds, tok, max_length=128, token_type_ids=False):
     "Tokenise the sentence pairs of `ds` (truncated, padded to `max_length`) into a torch-formatted `Dataset` with `labels`."
     from datasets import Dataset
@@ -193,7 +192,7 @@ def encode(ds, tok, max_length=128, token_type_ids=False):
     cols = ['input_ids', 'attention_mask'] + (['token_type_ids'] if token_type_ids and 'token_type_ids' in enc else [])
     return Dataset.from_dict({**{c: enc[c] for c in cols}, 'labels': [int(l) for l in ds['label']]}).with_format('torch')
 
-# %% ../nbs/25_bert.ipynb #29577a31
+# %% ../nbs/25_bert.ipynb #bd6c30c1
 class EpochShuffle(torch.utils.data.Sampler):
     "A fresh random order of `range(n)` from `generator` at the start of every epoch (and no draw at its end)."
     def __init__(self, n, generator): self.n, self.generator = n, generator
@@ -206,12 +205,12 @@ def make_loaders(train, val, seed=42, batch_size=8, eval_batch_size=32):
     return (DataLoader(train, batch_size=batch_size, sampler=EpochShuffle(len(train), g), generator=g),
             DataLoader(val, batch_size=eval_batch_size))
 
-# %% ../nbs/25_bert.ipynb #07734142
+# %% ../nbs/25_bert.ipynb #9cbe60ea
 def is_dense(name, p):
     "The paper's rule for BERT: 1-D tensors, the pooler and the classification head go to the dense (Adam) group."
     return p.ndim < 2 or name.startswith(('classifier.', 'score.')) or '.pooler.' in f'.{name}'
 
-# %% ../nbs/25_bert.ipynb #317aba22
+# %% ../nbs/25_bert.ipynb #d49b842b
 def sparse_k_table(model, kappas=(1e-5, 1e-4, 1e-3, 1e-2), dense=is_dense):
     "One row per kind of tensor (layers merged): group, count, shape, numel, and k = floor(numel·κ) for each κ."
     rows = {}
@@ -223,7 +222,7 @@ def sparse_k_table(model, kappas=(1e-5, 1e-4, 1e-3, 1e-2), dense=is_dense):
     for k in kappas: df[f'k at κ={k:g}'] = np.where(df.group == 'sparse', np.floor(df.numel * k).astype(int), 0)
     return df
 
-# %% ../nbs/25_bert.ipynb #ce639697
+# %% ../nbs/25_bert.ipynb #de2219d9
 def so_optimizer(model, kappa=1e-4, T=5, legacy_dense_bias=True, lr=2e-5, sampler='randperm', generator=None):
     "SO on the paper's sparse/dense groups of `model` (betas 0.9, 0.999; no weight decay)."
     return SO(sparse_dense_groups(model, dense=is_dense), lr=lr, betas=(0.9, 0.999), density_ratio=kappa, T=T,
@@ -233,7 +232,7 @@ def dense_label(legacy):
     "How the dense group is updated, in words (for results and printed lines)."
     return 'legacy Q2 bias correction (published setting)' if legacy else 'correct Adam'
 
-# %% ../nbs/25_bert.ipynb #c3066c84
+# %% ../nbs/25_bert.ipynb #d895bec2
 LORA_TARGETS = ['query', 'key', 'value', 'attention.output.dense', 'intermediate.dense', 'output.dense']
 
 def lora_model(model, rank=8):
@@ -255,7 +254,7 @@ def trainable(model):
     "Number of weights that get gradients."
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-# %% ../nbs/25_bert.ipynb #a25a962e
+# %% ../nbs/25_bert.ipynb #25797e70
 def new_loop_state(loader):
     "The loop's state before the first step: no losses, epoch 0, and the data order generator's state."
     return dict(losses=[], epoch=0, pos=0, order_state=loader.generator.get_state(), skipped=[])
@@ -315,14 +314,10 @@ def evaluate(model, loader, device='cpu'):
         ok += (model(**batch).logits.argmax(-1) == batch['labels']).sum().item(); n += len(batch['labels'])
     return 100 * ok / n, ok, n
 
-# %% ../nbs/25_bert.ipynb #0d7c9388
-def seed_all(seed):
-    "Seed Python, NumPy and torch (CPU and CUDA)."
-    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
-
+# %% ../nbs/25_bert.ipynb #93e9e9f0
 def prepare(cfg):
     "Data, tokenizer, model, optimizer, schedule and loaders for the run `cfg` (a `bert_config` dict), as a dict."
-    seed_all(cfg['seed'])
+    seed_everything(cfg['seed'])
     splits = load_rte_splits(cfg['data'])
     train_raw = few_shot(splits['train'], cfg['shots'], cfg['seed'], cfg['balanced'])
     tok, model = load_model(cfg['model'])
@@ -340,22 +335,7 @@ def prepare(cfg):
     return dict(model=model, opt=opt, sched=sched, train_dl=train_dl, val_dl=val_dl, train_labels=Counter(train_raw['label']),
                 val_size=len(val))
 
-# %% ../nbs/25_bert.ipynb #e6e90635
-def _versions():
-    import so_tutorial
-    out = {'so_tutorial': so_tutorial.__version__}
-    for pkg in ('torch', 'transformers', 'peft', 'datasets'):
-        try: out[pkg] = version(pkg)
-        except PackageNotFoundError: out[pkg] = None
-    return out
-
-def _peak_memory(device):
-    if torch.device(device).type == 'cuda': return torch.cuda.max_memory_allocated(device), 'cuda max_memory_allocated'
-    try: import resource
-    except ImportError: return None, 'unavailable'
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss * (1 if sys.platform == 'darwin' else 1024), 'cpu peak RSS of the process'
-
+# %% ../nbs/25_bert.ipynb #346dc189
 def model_label(cfg):
     "The model's name in printed lines: 'BERT-base' for bert-base-uncased, else the folder or Hub name."
     return 'BERT-base' if cfg['model'] == DEFAULT_MODEL else Path(cfg['model']).name
@@ -368,7 +348,7 @@ def result_line(res):
     stop = f"loss {res['final_loss']:.4g} ≤ {c['loss_stop']:g}" if res['stop_reason'] == 'loss_stop' else f"hit --max-steps {c['max_steps']}"
     return f"{head}  [{arm}; {res['steps']} step{'s' if res['steps'] != 1 else ''}, {stop}; seed {c['seed']}]"
 
-# %% ../nbs/25_bert.ipynb #bb2fe098
+# %% ../nbs/25_bert.ipynb #a2218477
 def _identity(cfg):
     "The settings a resume checkpoint must share with the run that resumes it."
     return {k: v for k, v in cfg.items() if k not in _IGNORED}
@@ -411,7 +391,7 @@ def _ddp(model, cfg):
     dev = torch.device(cfg['device'])
     return DDP(model, device_ids=[dev.index] if dev.type == 'cuda' else None, **kw)
 
-# %% ../nbs/25_bert.ipynb #ae5cb131
+# %% ../nbs/25_bert.ipynb #9f6d730b
 def run_bert(cfg, out_dir=None, progress=True, resume=False):
     "Run one config end to end; write `train_loss.csv` into `out_dir` when given; `resume`: continue from its checkpoint."
     cfg = bert_config(**cfg); t0 = time.time()
@@ -421,7 +401,7 @@ def run_bert(cfg, out_dir=None, progress=True, resume=False):
     if torch.device(cfg['device']).type == 'cuda': torch.cuda.reset_peak_memory_stats(cfg['device'])
     r = prepare(cfg)
     trained = {n: p for n, p in r['model'].named_parameters() if p.requires_grad}
-    seed_all(cfg['seed'])
+    seed_everything(cfg['seed'])
     t1, desc, started = time.time(), f"{cfg['method'].upper()} fine-tune", 0
     if cfg['driver'] == 'trainer':
         steps, losses, reason = train_with_trainer(r['model'], r['opt'], r['sched'], r['train_dl'], cfg['loss_stop'], cfg['max_steps'],
@@ -450,14 +430,13 @@ def run_bert(cfg, out_dir=None, progress=True, resume=False):
                                                skip_nonfinite=cfg['skip_nonfinite'], signals=sig)
     t2 = time.time()
     acc, ok, n = evaluate(r['model'], r['val_dl'], cfg['device'])
-    mem, mem_kind = _peak_memory(cfg['device'])
     finite = [l for l in losses if math.isfinite(l)]
     res = dict(method=cfg['method'], config=cfg, steps=steps, stop_reason=reason, final_loss=losses[-1], min_loss=min(finite, default=float('nan')),
                val_acc=acc, val_correct=ok, val_total=n, train_size=sum(r['train_labels'].values()),
                train_labels={str(k): v for k, v in sorted(r['train_labels'].items())}, trainable_params=trainable(r['model']),
                skipped_steps=st['skipped'], resumed_from_step=started, world_size=world, trained_sha1=tensors_sha1(trained),
                wall_s=time.time() - t0, train_s=t2 - t1, eval_s=time.time() - t2, steps_per_s=(steps - started) / max(t2 - t1, 1e-9),
-               peak_memory_bytes=mem, peak_memory_kind=mem_kind, machine=machine_info(cfg['device']), versions=_versions())
+               **peak_memory(cfg['device']), machine=machine_info(cfg['device']), versions=versions('transformers', 'peft', 'datasets'))
     if cfg['method'] == 'so':
         res['dense_group'] = dense_label(cfg['legacy_dense_bias'])
         res['sparse_k_total'] = sum(int(p.numel() * g['density_ratio']) for g in r['opt'].param_groups if not g['dense'] for p in g['params'])
@@ -467,7 +446,7 @@ def run_bert(cfg, out_dir=None, progress=True, resume=False):
         (Path(out_dir) / RESUME_FILE).unlink(missing_ok=True)
     return res
 
-# %% ../nbs/25_bert.ipynb #71050ef5
+# %% ../nbs/25_bert.ipynb #dfa4ed9b
 def train_with_trainer(model, opt, sched, loader, loss_stop=1e-3, max_steps=20_000, seed=42, device='cpu', progress=True):
     "The `train_loop` run driven by `transformers.Trainer(optimizers=(opt, sched))`; returns `(steps, losses, stop_reason)`."
     from transformers import Trainer, TrainingArguments, TrainerCallback
@@ -478,7 +457,7 @@ def train_with_trainer(model, opt, sched, loader, loss_stop=1e-3, max_steps=20_0
         def training_step(self, *a, **kw):
             loss = super().training_step(*a, **kw); losses.append(loss.item()); return loss
     class _Rules(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw): seed_all(seed)
+        def on_train_begin(self, args, state, control, **kw): seed_everything(seed)
         def on_step_end(self, args, state, control, **kw):
             if losses and losses[-1] <= loss_stop: control.should_training_stop = True
     with tempfile.TemporaryDirectory() as tmp:
@@ -490,7 +469,7 @@ def train_with_trainer(model, opt, sched, loader, loss_stop=1e-3, max_steps=20_0
         trainer.train()
     return len(losses), losses, 'loss_stop' if losses[-1] <= loss_stop else 'max_steps'
 
-# %% ../nbs/25_bert.ipynb #08b8f7ba
+# %% ../nbs/25_bert.ipynb #7161b213
 def _num(x):
     if x == 0: return '0'
     s = f'{x:.0e}'
@@ -512,7 +491,7 @@ def grid_root(cfg):
 
 def run_id(cfg): return f"seed{cfg['seed']}/{arm_id(cfg)}"
 
-# %% ../nbs/25_bert.ipynb #1ac14462
+# %% ../nbs/25_bert.ipynb #0ae0adda
 _IGNORED = ('device', 'driver', 'checkpoint_every', 'skip_nonfinite', 'check_sync')  # they do not change what is computed
 
 def check_existing(out_dir, cfg):
@@ -524,7 +503,7 @@ def check_existing(out_dir, cfg):
     _check(not diff, f"{out_dir} holds the result of another run (differs in {', '.join(diff)}); use --force to overwrite it or another --output")
     return True
 
-# %% ../nbs/25_bert.ipynb #5d3fd591
+# %% ../nbs/25_bert.ipynb #ad7b632b
 def _add_common(ap):
     "Options shared by `so-tutorial bert` and `so-tutorial sweep bert`."
     ap.add_argument('--method', choices=['so', 'lora'], required=True, help='SO or LoRA')
@@ -561,7 +540,7 @@ def _arm_kw(method, a, kappa=None, T=None, rank=None):
     _check(not a.sparse_backward, f"--sparse-backward computes only the gradient entries SO reads: it needs --method so, not --method {method}")
     return dict(rank=rank)
 
-# %% ../nbs/25_bert.ipynb #cb569667
+# %% ../nbs/25_bert.ipynb #679d526b
 def cli(argv=None):
     "`so-tutorial bert`: one SO or LoRA run on RTE 32-shot; prints the paper's result line and writes result.json."
     ap = _add_common(argparse.ArgumentParser(prog='so-tutorial bert', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -579,25 +558,17 @@ def cli(argv=None):
         print(json.loads((out / 'result.json').read_text())['line'])
         print(f'(already done: {out / "result.json"}; --force to run again)')
         return 0
-    _check(not (out / RESUME_FILE).exists() or a.resume or a.force, f"{out} holds the checkpoint of an interrupted run ({RESUME_FILE}): "
-                                                                   f"pass --resume to continue it, or --force to start over")
-    cfg['device'], clean = init_distributed(cfg['device']), False
-    try:
-        res = run_bert(cfg, out, resume=a.resume)
+    check_resumable(out, a.resume, a.force)
+    def work(device):
+        res = run_bert({**cfg, 'device': device}, out, resume=a.resume)
         if dist_info()[0] == 0:
             if res['stop_reason'] == 'loss_stop': print(f"Stopped at step {res['steps']} with loss {res['final_loss']:.4f} ≤ {cfg['loss_stop']}")
             else: print(f"Hit --max-steps {cfg['max_steps']} with loss {res['final_loss']:.4f} > {cfg['loss_stop']}")
             print(res['line'])
             print('wrote', finish_run(out, res))
-        clean = True
-    except Interrupted as e:  # every rank stops at the same step
-        if dist_info()[0] == 0: print(f'so-tutorial bert: {e}', file=sys.stderr)
-        clean = True
-        return 128 + e.signum
-    finally: leave_distributed(sync=clean)
-    return 0
+    return run_as_rank('so-tutorial bert', cfg['device'], work)
 
-# %% ../nbs/25_bert.ipynb #921a3879
+# %% ../nbs/25_bert.ipynb #6aeb52c9
 def grid_jobs(base, method, kappas=(1e-2, 1e-3, 1e-4, 1e-5), Ts=(5, 10, 20), ranks=(2, 4, 8, 16), seeds=(42,)):
     "`(run_id, cfg)` for every point of the grid and every seed, configs checked up front."
     arms = ([dict(kappa=k, T=t) for k in kappas for t in Ts] if method == 'so' else [dict(rank=r) for r in ranks])
@@ -610,7 +581,7 @@ def grid_csv_name(method, legacy=True):
     "The paper's CSV names; the SO grid with correct Adam in the dense group gets its own file."
     return 'lora_grid_results.csv' if method == 'lora' else 'so_grid_results.csv' if legacy else 'so_grid_results_adam.csv'
 
-# %% ../nbs/25_bert.ipynb #59931620
+# %% ../nbs/25_bert.ipynb #385df4f0
 def grid_rows(jobs, root, method):
     "One dict per grid point (seeds merged) from the `result.json` files of `jobs` under `root`."
     keys, groups = ('kappa', 'T') if method == 'so' else ('rank',), {}
@@ -644,7 +615,7 @@ def write_grid_csv(jobs, root, method, legacy=True):
     if 'steps_std' not in df: df['steps'] = df['steps'].astype('Int64')  # one seed: whole steps, blank when not run
     return atomic_write(Path(root) / grid_csv_name(method, legacy), df.to_csv(index=False))
 
-# %% ../nbs/25_bert.ipynb #b271c01a
+# %% ../nbs/25_bert.ipynb #a2ebc5f1
 def _run_one(cfg, out_dir, resume=False):
     "One grid job (`run_grid` writes the result file): run it (from its checkpoint when `resume`) and print its line."
     res = run_bert(cfg, out_dir, progress=True, **({'resume': True} if resume else {}))
@@ -676,7 +647,7 @@ def sweep_cli(argv=None):
     print('wrote', path)
     return 0
 
-# %% ../nbs/25_bert.ipynb #d0324ea2
+# %% ../nbs/25_bert.ipynb #5690301c
 PUBLISHED_SO_GRID = pd.DataFrame([(1e-3, 5, 1073, 55.6), (1e-3, 10, 1057, 55.2), (1e-3, 20, 1026, 56.0),
                                   (1e-4, 5, 1421, 57.0), (1e-4, 10, 1372, 55.2), (1e-4, 20, 1332, 54.2),
                                   (1e-5, 5, 1421, 57.0), (1e-5, 10, 1372, 56.0), (1e-5, 20, 1332, 55.2)],

@@ -10,7 +10,7 @@ __all__ = ['DEFAULT_BACKBONE', 'DEFAULT_PRETRAINED', 'POSITIONS', 'ENCODERS', 'M
            'load_checkpoint', 'EpochBatches', 'SeededItems', 'ClipLogits', 'new_loop_state', 'train_loop', 'ClipConfig',
            'run_name', 'run_id', 'evaluate', 'restore', 'run', 'cli', 'sweep_jobs', 'sweep_cli']
 
-# %% ../nbs/21_clip.ipynb #ae73877f
+# %% ../nbs/21_clip.ipynb #db24b32b
 import os, io, re, sys, copy, json, math, time, hashlib, argparse, logging, contextlib, warnings
 from dataclasses import dataclass, asdict, replace, fields
 from pathlib import Path
@@ -18,17 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 import open_clip
-from .io import UserError, atomic_write, write_json, machine_info
+from .io import UserError, atomic_write, write_json, machine_info, peak_memory, versions, seed_everything
 from .optim import SO
 from .sparse import SparseBackward, all_reduce_sparse_grads, discard_sparse_grads, grads_finite, sparse_grad_params
 from .sweep import (run_grid, result_exists, finish_run, RESUME_FILE, save_resume, load_resume, rng_state, set_rng_state,
                                nonfinite, tensors_sha1, Interrupted, StopSignals, signal_name, log_attempt, launched_by_torchrun,
-                               init_distributed, leave_distributed, dist_info, broadcast_object, all_gather_object, all_reduce_sum,
+                               run_as_rank, check_resumable, dist_info, broadcast_object, all_gather_object, all_reduce_sum,
                                check_in_sync)
-from .data import (DATASETS, load_splits, seed_everything, few_shot, prompts, ImageListDataset,
+from .data import (DATASETS, load_splits, few_shot, prompts, ImageListDataset,
                               write_item_list)
 
-# %% ../nbs/21_clip.ipynb #664fa9a2
+# %% ../nbs/21_clip.ipynb #8a45aee2
 DEFAULT_BACKBONE, DEFAULT_PRETRAINED = 'ViT-B-16', 'openai'
 
 def _none(pretrained): return pretrained is None or str(pretrained).lower() in ('', 'none')
@@ -65,7 +65,7 @@ def resolve_backbone(backbone=DEFAULT_BACKBONE, pretrained=DEFAULT_PRETRAINED):
     raise UserError(f"--pretrained {pre!r} is not a tag of {b} ({', '.join(tags) or 'none known'}), "
                     f"an existing checkpoint file, or 'none'")
 
-# %% ../nbs/21_clip.ipynb #36213747
+# %% ../nbs/21_clip.ipynb #8c8444a0
 def tiny_config(path, layers=2, width=32, image_size=32, patch_size=8, context_length=16):
     "Write a tiny open_clip model-config JSON (for tests and CPU demos); return its path."
     cfg = dict(embed_dim=width,
@@ -73,7 +73,7 @@ def tiny_config(path, layers=2, width=32, image_size=32, patch_size=8, context_l
                text_cfg=dict(context_length=context_length, vocab_size=49408, width=width, heads=2, layers=layers))
     return atomic_write(path, json.dumps(cfg, indent=1))
 
-# %% ../nbs/21_clip.ipynb #6ca43e83
+# %% ../nbs/21_clip.ipynb #19d227e6
 def _wrap(fn, what):
     try: return fn()
     except (RuntimeError, OSError, KeyError, ValueError) as e:
@@ -98,7 +98,7 @@ def load_clip(backbone=DEFAULT_BACKBONE, pretrained=DEFAULT_PRETRAINED, device='
             tok = open_clip.SimpleTokenizer(context_length=cfg['text_cfg'].get('context_length', 77))
     return model.float().to(device).eval(), tok
 
-# %% ../nbs/21_clip.ipynb #d7209112
+# %% ../nbs/21_clip.ipynb #4dd0dfbd
 def clip_transforms(model):
     "(train, test) torchvision transforms for `model`'s image size, interpolation and normalisation."
     import torchvision.transforms as T
@@ -111,7 +111,7 @@ def clip_transforms(model):
     test = T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(size), *norm])
     return train, test
 
-# %% ../nbs/21_clip.ipynb #f262d116
+# %% ../nbs/21_clip.ipynb #c8400060
 POSITIONS = {'all': list(range(12)), 'bottom': [0, 1, 2, 3], 'mid': [4, 5, 6, 7], 'up': [8, 9, 10, 11],
              'half-up': list(range(6, 12)), 'half-bottom': list(range(6)), 'top3': [9, 10, 11]}
 ENCODERS = ('text', 'vision', 'both')
@@ -125,7 +125,7 @@ def block_indices(position, depth):
     if not out: raise UserError(f"--position {position} selects no block of a {depth}-block tower; choose another preset")
     return out
 
-# %% ../nbs/21_clip.ipynb #2a4e23c1
+# %% ../nbs/21_clip.ipynb #f0fa3683
 def towers(model, encoder='both'):
     "The residual blocks of the chosen towers: {'text': ModuleList, 'vision': ModuleList}."
     if encoder not in ENCODERS: raise UserError(f"unknown --encoder {encoder!r}; choose from: {', '.join(ENCODERS)}")
@@ -158,7 +158,7 @@ def freeze_except(model, params):
     keep = {id(p) for p in params}
     for p in model.parameters(): p.requires_grad_(id(p) in keep)
 
-# %% ../nbs/21_clip.ipynb #051f6186
+# %% ../nbs/21_clip.ipynb #8c8baa1e
 class SplitAttention(nn.Module):
     "`nn.MultiheadAttention` (self-attention, same call signature) with separate q, k, v `nn.Linear` projections."
     def __init__(self, mha:nn.MultiheadAttention):
@@ -192,7 +192,7 @@ class SplitAttention(nn.Module):
         o = self.out_proj(o.transpose(1, 2).reshape(B, L, D))
         return (o if self.batch_first else o.transpose(0, 1)), None
 
-# %% ../nbs/21_clip.ipynb #9e4ed0da
+# %% ../nbs/21_clip.ipynb #2c43d9dd
 def split_attention(model, encoder='both', position='all'):
     "Replace the attention of the selected blocks by `SplitAttention`; return the names of their q/k/v modules."
     names = {id(m): n for n, m in model.named_modules()}
@@ -204,7 +204,7 @@ def split_attention(model, encoder='both', position='all'):
             out += [names[id(blk)] + f'.attn.{p}' for p in ('q_proj', 'k_proj', 'v_proj')]
     return out
 
-# %% ../nbs/21_clip.ipynb #e89f44a3
+# %% ../nbs/21_clip.ipynb #2b316d85
 def add_lora(model, encoder='both', position='all', r=2, alpha=1.0, dropout=0.25):
     "Split q/k/v in the selected blocks and add peft LoRA to them; freeze everything else; return name → LoRA parameter."
     from peft import LoraConfig, inject_adapter_in_model
@@ -216,7 +216,7 @@ def add_lora(model, encoder='both', position='all', r=2, alpha=1.0, dropout=0.25
     freeze_except(model, lora.values())
     return lora
 
-# %% ../nbs/21_clip.ipynb #3afe8de8
+# %% ../nbs/21_clip.ipynb #6d01c21e
 LOGIT_SCALE = 100.
 
 def _autocast(device, kind):
@@ -244,7 +244,7 @@ def top1(feats, labels, text_feats):
     pred = (feats.to(text_feats.device) @ text_feats.T).argmax(1).cpu()
     return int((pred == labels).sum()), len(labels)
 
-# %% ../nbs/21_clip.ipynb #0437fed2
+# %% ../nbs/21_clip.ipynb #c6aeb602
 def weights_hash(tensors):
     "SHA-1 of the named tensors' bytes (in name order): identifies the pretrained weights a checkpoint needs."
     h = hashlib.sha1()
@@ -278,7 +278,7 @@ def apply_delta(params, delta):
         if len(idx) and (idx.min() < 0 or idx.max() >= p.numel()): raise UserError(f"checkpoint indices of {n} are out of range")
         p.view(-1)[idx.to(p.device)] = d['values'].to(p.device, p.dtype)
 
-# %% ../nbs/21_clip.ipynb #75e04d58
+# %% ../nbs/21_clip.ipynb #8e46cf75
 CHECKPOINTS = {'so': 'delta.pt', 'adam': 'matrices.pt', 'lora': 'lora.pt'}
 
 def save_checkpoint(path, kind, tensors, meta):
@@ -301,7 +301,7 @@ def load_checkpoint(path, kind, expect):
                             f"use the run's own settings (see its result.json)")
     return ck
 
-# %% ../nbs/21_clip.ipynb #3c8098d8
+# %% ../nbs/21_clip.ipynb #73c6cd86
 class EpochBatches(torch.utils.data.Sampler):
     "Batch sampler: epoch `epoch`'s batches of (augmentation seed, index) from `(seed, epoch)`, from batch `start` on; this rank's share of each."
     def __init__(self, n, batch_size, seed, rank=0, world=1):
@@ -329,7 +329,7 @@ class SeededItems(torch.utils.data.Dataset):
             torch.manual_seed(seed)
             return self.dataset[i]
 
-# %% ../nbs/21_clip.ipynb #1e009cdb
+# %% ../nbs/21_clip.ipynb #ccff1d3e
 def _train_loader(items, c, tf, rank=0, world=1):
     "The training loader of run config `c`: seeded epoch batches, seeded augmentations, its own generator for worker seeds."
     return torch.utils.data.DataLoader(SeededItems(ImageListDataset(items, c.root, tf)),
@@ -337,7 +337,7 @@ def _train_loader(items, c, tf, rank=0, world=1):
                                        num_workers=c.workers, pin_memory=c.device.startswith('cuda'),
                                        persistent_workers=c.workers > 0, generator=torch.Generator())
 
-# %% ../nbs/21_clip.ipynb #13350bd4
+# %% ../nbs/21_clip.ipynb #ada5aa81
 class ClipLogits(nn.Module):
     "Training forward: scaled cosine logits of a batch of images against the class prompts."
     def __init__(self, model, tokens, autocast=None, train_text=True, train_vision=True, text_feats=None):
@@ -350,7 +350,7 @@ class ClipLogits(nn.Module):
             with torch.set_grad_enabled(self.train_vision and torch.is_grad_enabled()): imf = self.model.encode_image(x)
         return LOGIT_SCALE * F.normalize(imf.float(), dim=-1) @ F.normalize(tf.float(), dim=-1).T
 
-# %% ../nbs/21_clip.ipynb #013ed84a
+# %% ../nbs/21_clip.ipynb #ab5d7a15
 def new_loop_state():
     "The training loop's state at the start of a run."
     return dict(it=0, epoch=0, pos=0, loss_sum=0., n=0, correct=0, epochs=[], stopped=False, skipped=[])
@@ -412,7 +412,7 @@ def train_loop(model, opt, sched, loader, tokens, total_iters, device, autocast=
                 if st['it'] == total_iters: break
     return dict(steps=st['it'], epochs=st['epochs'], early_stopped=st['stopped'] and st['it'] < total_iters, skipped_steps=st['skipped'])
 
-# %% ../nbs/21_clip.ipynb #677b92a8
+# %% ../nbs/21_clip.ipynb #70f17d70
 METHODS = ('zeroshot', 'so', 'lora', 'adam')
 DENSITY_PRESETS = {'paper': 5e-5, 'figure': 5e-4}
 _N_ITERS = {'so': 2000, 'adam': 2000, 'lora': 500, 'zeroshot': 0}
@@ -467,7 +467,7 @@ class ClipConfig:
         if c.workers is None: c.workers = min(8, os.cpu_count() or 1)
         return c
 
-# %% ../nbs/21_clip.ipynb #bde0104e
+# %% ../nbs/21_clip.ipynb #6e6b04fa
 def _slug(s): return re.sub(r'[^A-Za-z0-9.+-]+', '-', str(s)).strip('-')
 
 def run_name(c):
@@ -488,7 +488,7 @@ def run_id(c):
     "The run's folder below the output root: dataset/{shots}shot/seed{seed}/{method}_{hparams}."
     return f'{c.dataset}/{c.shots}shot/seed{c.seed}/{run_name(c)}'
 
-# %% ../nbs/21_clip.ipynb #5e2e0091
+# %% ../nbs/21_clip.ipynb #4b81c41a
 def _prepare(c):
     "Model (on c.device), prompt tokens, splits and transforms of run config `c`."
     splits = load_splits(c.dataset, c.root)  # first: a missing dataset fails before a download
@@ -509,7 +509,7 @@ def evaluate(model, tokens, loader, c, cached=None):
 
 def _vision_trains(c): return c.method != 'zeroshot' and c.encoder in ('vision', 'both')
 
-# %% ../nbs/21_clip.ipynb #30147fcc
+# %% ../nbs/21_clip.ipynb #03312812
 def _optimizer(model, mats, c):
     "(optimizer, trained parameters by name) for the run's method."
     if c.method == 'lora':
@@ -538,7 +538,7 @@ def _ddp(fwd, opt, c):
     kw = {'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(DDP).parameters else {'broadcast_buffers': False}
     return DDP(fwd, device_ids=[dev.index] if dev.type == 'cuda' else None, **kw)
 
-# %% ../nbs/21_clip.ipynb #d235812e
+# %% ../nbs/21_clip.ipynb #afe46c70
 _KIND = {'so': 'sparse-delta', 'adam': 'matrices', 'lora': 'lora'}
 _MATCH = ('backbone', 'pretrained', 'dataset', 'shots', 'seed', 'method', 'hparams', 'encoder', 'position')
 
@@ -585,7 +585,7 @@ def restore(model, c, out_dir):
             for n, v in t.items(): want[n].copy_(v.to(want[n].device))
     return ck['meta']
 
-# %% ../nbs/21_clip.ipynb #d54059e6
+# %% ../nbs/21_clip.ipynb #49761b0e
 _OPERATIONAL = ('root', 'device', 'workers', 'test_batch_size', 'checkpoint_every', 'skip_nonfinite', 'check_sync')
 
 def _identity(c):
@@ -626,20 +626,7 @@ def _read_resume(out, c, mats, base_hash, trained, opt, sched, scaler):
     set_rng_state(ck['rng'][rank], c.device)
     return ck['loop']
 
-# %% ../nbs/21_clip.ipynb #ac177c7d
-def _versions():
-    from importlib.metadata import version, PackageNotFoundError
-    def v(p):
-        try: return version(p)
-        except PackageNotFoundError: return None
-    return {p: v(p) for p in ('torch', 'open_clip_torch', 'peft', 'torchvision', 'so_tutorial')}
-
-def _peak_memory(device):
-    if torch.device(device).type == 'cuda':
-        return dict(peak_memory_bytes=torch.cuda.max_memory_allocated(device), peak_memory_kind='cuda max allocated')
-    import resource
-    return dict(peak_memory_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, peak_memory_kind='process max RSS')
-
+# %% ../nbs/21_clip.ipynb #921c91c9
 def _pct(ct): return 100 * ct[0] / ct[1]
 
 def _counts(ct):
@@ -706,10 +693,10 @@ def run(cfg, out_dir, resume=False):
                 skipped_steps=hist['skipped_steps'], resumed_from_step=started, sparse_backward=c.sparse_backward, world_size=world,
                 n_classes=len(splits.classnames), n_train=len(train_items), n_test=len(splits.test),
                 trained_weights=n_trained, trained_sha1=tensors_sha1(trained) if trained else None, checkpoint=ck,
-                few_shot_list='train_items.jsonl', wall_time_s=time.time() - t0, **_peak_memory(c.device), device=c.device,
-                machine=machine_info(c.device), versions=_versions(), config=asdict(c))
+                few_shot_list='train_items.jsonl', wall_time_s=time.time() - t0, **peak_memory(c.device), device=c.device,
+                machine=machine_info(c.device), versions=versions('open_clip_torch', 'peft', 'torchvision'), config=asdict(c))
 
-# %% ../nbs/21_clip.ipynb #61ff0268
+# %% ../nbs/21_clip.ipynb #4a02dc02
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     "Show defaults, except None/False ones (their help says what happens)."
     def _get_help_string(self, action):
@@ -763,7 +750,7 @@ _SHARED = [f.name for f in fields(ClipConfig) if f.name not in ('dataset', 'shot
 def _config(a, **run):
     return ClipConfig(**{k: getattr(a, k) for k in _SHARED}, **run).resolved()
 
-# %% ../nbs/21_clip.ipynb #2aee14a8
+# %% ../nbs/21_clip.ipynb #1b704ac4
 def _summary(r):
     s = f"{r['dataset']} {r['shots']}-shot seed {r['seed']} {r['hparams']}: zero-shot {r['zero_shot_top1']:.2f}%, top-1 {r['top1']:.2f}%"
     if r['method'] != 'zeroshot': s += f" after {r['steps']} iterations{' (early stop)' if r['early_stopped'] else ''}"
@@ -779,22 +766,13 @@ def cli(argv=None):
         return _eval_only(c, out)
     if result_exists(out) and not a.force:
         print(f'{out}: finished already (result.json); --force reruns it'); return 0
-    if (out / RESUME_FILE).exists() and not (a.resume or a.force):
-        raise UserError(f"{out} holds the checkpoint of an interrupted run ({RESUME_FILE}): pass --resume to continue it, "
-                        f"or --force to start over")
-    c, clean = replace(c, device=init_distributed(c.device)), False
-    try:
-        res = run(c, out, resume=a.resume)
+    check_resumable(out, a.resume, a.force)
+    def work(device):
+        res = run(replace(c, device=device), out, resume=a.resume)
         if dist_info()[0] == 0:
             finish_run(out, {**res, 'run_id': run_id(c)})
             print(_summary(res)); print('wrote', out / 'result.json')
-        clean = True
-    except Interrupted as e:  # every rank stops at the same step
-        if dist_info()[0] == 0: print(f'so-tutorial clip: {e}', file=sys.stderr)
-        clean = True
-        return 128 + e.signum
-    finally: leave_distributed(sync=clean)
-    return 0
+    return run_as_rank('so-tutorial clip', c.device, work)
 
 def _eval_only(c, out):
     model, tokens, splits, _, test_tf = _prepare(c)
@@ -812,7 +790,7 @@ def _eval_only(c, out):
         return 1
     return 0
 
-# %% ../nbs/21_clip.ipynb #11184fb2
+# %% ../nbs/21_clip.ipynb #7791dc1d
 def _items(xs, conv=str): return [conv(v) for x in xs for v in str(x).split(',') if v]
 
 def sweep_jobs(a):

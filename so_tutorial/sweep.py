@@ -6,11 +6,11 @@
 __all__ = ['RESUME_FILE', 'RESUME_FORMAT', 'result_exists', 'finish_run', 'parse_shard', 'claim', 'release', 'run_grid',
            'load_results', 'rng_state', 'set_rng_state', 'save_resume', 'load_resume', 'nonfinite', 'tensors_sha1',
            'Interrupted', 'StopSignals', 'signal_name', 'log_attempt', 'launched_by_torchrun', 'dist_info',
-           'init_distributed', 'leave_distributed', 'broadcast_object', 'all_gather_object', 'all_reduce_sum',
-           'check_in_sync']
+           'init_distributed', 'leave_distributed', 'run_as_rank', 'check_resumable', 'broadcast_object',
+           'all_gather_object', 'all_reduce_sum', 'check_in_sync']
 
-# %% ../nbs/06a_sweep.ipynb #ca9e9472
-import os, json, socket, time, traceback, logging, random, signal, tempfile, hashlib, threading, warnings
+# %% ../nbs/06a_sweep.ipynb #6c6492c7
+import os, sys, json, socket, time, traceback, logging, random, signal, tempfile, hashlib, threading, warnings
 from pathlib import Path
 import numpy as np, torch
 import torch.distributed as dist
@@ -18,7 +18,7 @@ from .io import UserError, write_json
 try: import fcntl
 except ImportError: fcntl = None  # no flock (Windows): claims fall back to host + pid files
 
-# %% ../nbs/06a_sweep.ipynb #945a0212
+# %% ../nbs/06a_sweep.ipynb #b44a88a9
 def result_exists(out_dir):
     "Is there a finished, successful `result.json` in `out_dir`?"
     p = Path(out_dir) / 'result.json'
@@ -30,7 +30,7 @@ def finish_run(out_dir, result):
     "Write `result` (with `status: ok`) to `out_dir/result.json` atomically; return the path."
     return write_json(Path(out_dir) / 'result.json', {**result, 'status': 'ok'})
 
-# %% ../nbs/06a_sweep.ipynb #0243a52d
+# %% ../nbs/06a_sweep.ipynb #9368352b
 def parse_shard(shard):
     "`'i/n'` → `(i, n)`, checked."
     try: i, n = (int(x) for x in str(shard).split('/'))
@@ -38,7 +38,7 @@ def parse_shard(shard):
     if not (n >= 1 and 0 <= i < n): raise UserError(f"--shard {shard}: need 0 <= i < n")
     return i, n
 
-# %% ../nbs/06a_sweep.ipynb #ce483f89
+# %% ../nbs/06a_sweep.ipynb #0547559c
 _HELD = {}  # resolved claim path -> open file descriptor holding its lock
 
 def _alive(pid):
@@ -89,7 +89,7 @@ def release(out_dir):
     path.unlink(missing_ok=True)
     if fd is not None: os.close(fd)
 
-# %% ../nbs/06a_sweep.ipynb #7e8e7430
+# %% ../nbs/06a_sweep.ipynb #0725fa69
 RESUME_FILE = 'resume.pt'  # a run's checkpoint for exact resume (see below); deleted when the run finishes
 
 def run_grid(jobs, # list of (run_id, cfg)
@@ -124,7 +124,7 @@ def load_results(root):
     "Every `result.json` below `root`, each with its `run_dir`."
     return [{**json.loads(p.read_text()), 'run_dir': str(p.parent)} for p in sorted(Path(root).rglob('result.json'))]
 
-# %% ../nbs/06a_sweep.ipynb #076388db
+# %% ../nbs/06a_sweep.ipynb #0a7da9eb
 def rng_state(device='cpu'):
     "The state of Python's `random`, NumPy's and torch's global generators: CPU, and `device`'s when it is a GPU."
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -139,7 +139,7 @@ def set_rng_state(state, device='cpu'):
     torch.set_rng_state(state['torch'])
     if state['cuda'] is not None and torch.device(device).type == 'cuda': torch.cuda.set_rng_state(state['cuda'], device)
 
-# %% ../nbs/06a_sweep.ipynb #e6a22c5f
+# %% ../nbs/06a_sweep.ipynb #63230ff2
 RESUME_FORMAT = 'so_tutorial.resume/1'
 
 def save_resume(path, state):
@@ -188,7 +188,7 @@ def tensors_sha1(tensors):
         h.update(n.encode()); h.update(tensors[n].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
-# %% ../nbs/06a_sweep.ipynb #7c53e52c
+# %% ../nbs/06a_sweep.ipynb #31e3eb3a
 class Interrupted(KeyboardInterrupt):
     "A run stopped by SIGTERM or SIGINT after writing its checkpoint; `signum` is the signal."
     def __init__(self, message, signum=signal.SIGTERM): super().__init__(message); self.signum = int(signum)
@@ -211,7 +211,7 @@ class StopSignals:
 
 def signal_name(signum): return signal.Signals(signum).name
 
-# %% ../nbs/06a_sweep.ipynb #d8e4ad8e
+# %% ../nbs/06a_sweep.ipynb #2b33d2f0
 def log_attempt(out_dir, **info):
     "Append one JSON line (time, host, pid and `info`) to `out_dir/attempts.jsonl`."
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -220,7 +220,7 @@ def log_attempt(out_dir, **info):
     try: os.write(fd, line.encode())
     finally: os.close(fd)
 
-# %% ../nbs/06a_sweep.ipynb #7955d36b
+# %% ../nbs/06a_sweep.ipynb #694969fe
 def launched_by_torchrun():
     "Was this process started by torchrun (or torch.distributed.run)?"
     return all(k in os.environ for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'))
@@ -243,6 +243,24 @@ def leave_distributed(sync=True):
     if dist.is_available() and dist.is_initialized():
         if sync: dist.barrier()
         dist.destroy_process_group()
+
+def run_as_rank(prog, device, work):
+    "Call `work(device)` as this process's rank (or as the only process): a stop by signal returns 128 + signum, and the group is always left."
+    device, clean = init_distributed(device), False
+    try:
+        work(device); clean = True
+    except Interrupted as e:  # every rank stops at the same step
+        if dist_info()[0] == 0: print(f'{prog}: {e}', file=sys.stderr)
+        clean = True
+        return 128 + e.signum
+    finally: leave_distributed(sync=clean)
+    return 0
+
+def check_resumable(out, resume, force):
+    "Refuse to start over a run folder that holds an interrupted run's checkpoint, unless told to resume it or to start over."
+    if (Path(out) / RESUME_FILE).exists() and not (resume or force):
+        raise UserError(f"{out} holds the checkpoint of an interrupted run ({RESUME_FILE}): pass --resume to continue it, "
+                        "or --force to start over")
 
 def _comm_device():
     return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')

@@ -86,7 +86,7 @@ def test_legacy_switch_changes_only_the_dense_group_step(fx):
         cfg = bert.bert_config(method='so', model=fx['model'], data=fx['jsonl'], max_length=32, kappa=1e-2, device='cpu', legacy_dense_bias=legacy)
         r = bert.prepare(cfg)
         before = {n: p.detach().clone() for n, p in r['model'].named_parameters()}
-        bert.seed_all(42); bert.train_loop(r['model'], r['opt'], r['sched'], r['train_dl'], 0, 1, progress=False)
+        bert.seed_everything(42); bert.train_loop(r['model'], r['opt'], r['sched'], r['train_dl'], 0, 1, progress=False)
         moved[legacy] = {n: (p.detach() - before[n]).abs().max().item() for n, p in r['model'].named_parameters()}
     clf = 'classifier.weight'
     assert moved[True][clf] == pytest.approx(10 * moved[False][clf], rel=1e-2)
@@ -149,7 +149,7 @@ def test_trainer_gives_the_same_run(fx):
     cfg = bert.bert_config(method='so', model=fx['model'], data=fx['jsonl'], max_length=32, kappa=1e-2, T=3, device='cpu')
     runs = []
     for driver in (bert.train_loop, bert.train_with_trainer):
-        r = bert.prepare(cfg); bert.seed_all(42)
+        r = bert.prepare(cfg); bert.seed_everything(42)
         kw = dict(seed=42) if driver is bert.train_with_trainer else {}
         runs.append((driver(r['model'], r['opt'], r['sched'], r['train_dl'], 0.0, 10, progress=False, **kw), r['model'].state_dict()))
     (loop, w1), (trainer, w2) = runs
