@@ -5,19 +5,19 @@
 # %% auto #0
 __all__ = ['clip_shapes', 'bench_optimizer', 'bench_markdown', 'write_bench', 'cli']
 
-# %% ../nbs/40_bench_optimizer.ipynb #de8d1629
+# %% ../nbs/40_bench_optimizer.ipynb #b700fa03
 import time, json, statistics
 from pathlib import Path
 import torch
 from .optim import SO
 from .io import atomic_write, write_json, machine_info
 
-# %% ../nbs/40_bench_optimizer.ipynb #cd76434c
+# %% ../nbs/40_bench_optimizer.ipynb #a34a13e6
 def clip_shapes(widths=(768, 512), blocks=12):
     "Shapes of the 4 trained matrices per block of CLIP ViT-B/16's two towers (96 matrices)."
     return [s for d in widths for _ in range(blocks) for s in ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d))]
 
-# %% ../nbs/40_bench_optimizer.ipynb #bb99370c
+# %% ../nbs/40_bench_optimizer.ipynb #b70f010a
 def _sync(device):
     if torch.device(device).type == 'cuda': torch.cuda.synchronize(device)
 
@@ -32,9 +32,10 @@ def _time_steps(opt, params, grads, steps, device):
     return out
 
 def _state_bytes(opt):
+    "Bytes held by the optimizer's state tensors."
     return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
 
-# %% ../nbs/40_bench_optimizer.ipynb #35c2cca3
+# %% ../nbs/40_bench_optimizer.ipynb #e0f6800c
 def bench_optimizer(shapes=None, # tensor shapes; the 96 CLIP ViT-B/16 matrices when None
                     densities=(5e-5, 5e-4, 1e-3, 1e-2), samplers=('fast', 'randperm'), T=5,
                     periods=2, # refresh periods timed per SO configuration
@@ -61,7 +62,7 @@ def bench_optimizer(shapes=None, # tensor shapes; the 96 CLIP ViT-B/16 matrices 
     return dict(kind='optimizer_step', tensors=len(shapes), weights=n, T=T, periods=periods,
                 machine=machine_info(device), rows=rows)
 
-# %% ../nbs/40_bench_optimizer.ipynb #8b612d04
+# %% ../nbs/40_bench_optimizer.ipynb #37712711
 def bench_markdown(res):
     "A markdown table of a `bench_optimizer` result."
     m = res['machine']
@@ -78,7 +79,7 @@ def write_bench(res, out_dir, name='optimizer'):
     out = Path(out_dir)
     return write_json(out / f'{name}.json', res), atomic_write(out / f'{name}.md', bench_markdown(res))
 
-# %% ../nbs/40_bench_optimizer.ipynb #0664600d
+# %% ../nbs/40_bench_optimizer.ipynb #708c9434
 def _floats(s): return [float(x) for x in s.split(',')]
 
 def cli(argv=None):

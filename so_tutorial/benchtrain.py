@@ -5,14 +5,15 @@
 # %% auto #0
 __all__ = ['ARMS', 'measure_arm', 'run_arm_process', 'bench_train', 'train_markdown', 'train_figure', 'cli']
 
-# %% ../nbs/42_bench_train.ipynb #572fd24c
+# %% ../nbs/42_bench_train.ipynb #dd174010
 import json, os, resource, statistics, subprocess, sys, time
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from .io import atomic_write, write_json, machine_info, UserError
+from .bench import _sync, _state_bytes
 
-# %% ../nbs/42_bench_train.ipynb #8ad4b5d9
+# %% ../nbs/42_bench_train.ipynb #0c7a5d02
 ARMS = ('adam', 'so', 'so_sparse', 'so_sparse_bf16', 'lora')
 
 def _clip_setup(arm, device, batch, n_classes, image_size=224):
@@ -37,14 +38,13 @@ def _clip_setup(arm, device, batch, n_classes, image_size=224):
     toks = torch.randint(1, 49000, (n_classes, 77), generator=g).to(device)
     labels = torch.randint(0, n_classes, (batch,), generator=g).to(device)
     scaler = torch.amp.GradScaler('cuda') if amp == torch.float16 else None
-    amp_on = amp is not None
     def loss_fn():
-        with torch.autocast(torch.device(device).type, dtype=amp or torch.bfloat16, enabled=amp_on):
+        with torch.autocast(torch.device(device).type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             i = F.normalize(model.encode_image(imgs), dim=-1); t = F.normalize(model.encode_text(toks), dim=-1)
             return F.cross_entropy(LOGIT_SCALE * i @ t.T, labels)
     return model, opt, params, loss_fn, scaler
 
-# %% ../nbs/42_bench_train.ipynb #30cbce70
+# %% ../nbs/42_bench_train.ipynb #ba7dec7f
 def _bert_setup(arm, device, batch, seq=128):
     "Model, optimizer and a step function for one BERT-base arm."
     from transformers import BertConfig, BertForSequenceClassification
@@ -71,11 +71,8 @@ def _bert_setup(arm, device, batch, seq=128):
             return model(input_ids=ids, labels=y).loss
     return model, opt, params, loss_fn, None
 
-# %% ../nbs/42_bench_train.ipynb #08a5f992
+# %% ../nbs/42_bench_train.ipynb #aec5930d
 def _bytes(ts): return sum(t.numel() * t.element_size() for t in ts)
-
-def _sync(device):
-    if torch.device(device).type == 'cuda': torch.cuda.synchronize(device)
 
 def measure_arm(model_kind, arm, device='cpu', batch=8, n_classes=10, steps=5, warmup=2):
     "Step time and memory of one arm (run it in a fresh process for a clean peak)."
@@ -96,7 +93,7 @@ def measure_arm(model_kind, arm, device='cpu', batch=8, n_classes=10, steps=5, w
         _sync(device)
         if i >= warmup: times.append(time.perf_counter() - t0)
     param_bytes = _bytes(model.parameters())
-    state_bytes = _bytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    state_bytes = _state_bytes(opt)
     trainable = sum(p.numel() for p in params)
     out = dict(model=model_kind, arm=arm, step_ms=statistics.median(times) * 1e3, step_ms_all=[t * 1e3 for t in times],
                trainable_params=trainable, param_bytes=param_bytes, grad_bytes=grad_bytes, state_bytes=state_bytes,
@@ -108,7 +105,7 @@ def measure_arm(model_kind, arm, device='cpu', batch=8, n_classes=10, steps=5, w
         out.update(peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss_before_model=rss0, peak_kind='peak_rss')
     return out
 
-# %% ../nbs/42_bench_train.ipynb #2678e9d3
+# %% ../nbs/42_bench_train.ipynb #6b5470c4
 def run_arm_process(model_kind, arm, timeout=1800, **kw):
     "Run `measure_arm` in a fresh Python process; return its result (or the error)."
     args = json.dumps(dict(model_kind=model_kind, arm=arm, **kw))
@@ -118,12 +115,12 @@ def run_arm_process(model_kind, arm, timeout=1800, **kw):
         return dict(model=model_kind, arm=arm, error=(p.stderr or p.stdout).strip().splitlines()[-1:] or ['failed'])
     return json.loads(lines[-1])
 
-# %% ../nbs/42_bench_train.ipynb #f24ec5f5
+# %% ../nbs/42_bench_train.ipynb #06179211
 #| eval: false
 if __name__ == '__main__':
     print(json.dumps(measure_arm(**json.loads(sys.argv[1]))))
 
-# %% ../nbs/42_bench_train.ipynb #2a311a1b
+# %% ../nbs/42_bench_train.ipynb #9f42a6c8
 def bench_train(models=('clip', 'bert'), arms=ARMS, device='cpu', clip_batch=8, bert_batch=8, n_classes=10, steps=5, warmup=2):
     "Measure every arm of every model, one process each."
     rows = []
@@ -169,7 +166,7 @@ def train_figure(res, path):
     fig.savefig(path, dpi=100); plt.close(fig)
     return path
 
-# %% ../nbs/42_bench_train.ipynb #1574c8ff
+# %% ../nbs/42_bench_train.ipynb #efb86cbf
 def cli(argv=None):
     "`so-tutorial bench train`: step time and memory of CLIP ViT-B/16 and BERT-base per arm."
     import argparse
