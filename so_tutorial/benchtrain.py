@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ARMS', 'measure_arm', 'run_arm_process', 'bench_train', 'train_markdown', 'train_figure', 'cli']
 
-# %% ../nbs/42_bench_train.ipynb #dd174010
+# %% ../nbs/42_bench_train.ipynb #ada9fea9
 import json, os, resource, statistics, subprocess, sys, time
 from pathlib import Path
 import torch
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .io import atomic_write, write_json, machine_info, UserError
 from .bench import _sync, _state_bytes
 
-# %% ../nbs/42_bench_train.ipynb #0c7a5d02
+# %% ../nbs/42_bench_train.ipynb #3d1d6e31
 ARMS = ('adam', 'so', 'so_sparse', 'so_sparse_bf16', 'lora')
 
 def _clip_setup(arm, device, batch, n_classes, image_size=224):
@@ -44,7 +44,7 @@ def _clip_setup(arm, device, batch, n_classes, image_size=224):
             return F.cross_entropy(LOGIT_SCALE * i @ t.T, labels)
     return model, opt, params, loss_fn, scaler
 
-# %% ../nbs/42_bench_train.ipynb #ba7dec7f
+# %% ../nbs/42_bench_train.ipynb #7a03a696
 def _bert_setup(arm, device, batch, seq=128):
     "Model, optimizer and a step function for one BERT-base arm."
     from transformers import BertConfig, BertForSequenceClassification
@@ -71,7 +71,7 @@ def _bert_setup(arm, device, batch, seq=128):
             return model(input_ids=ids, labels=y).loss
     return model, opt, params, loss_fn, None
 
-# %% ../nbs/42_bench_train.ipynb #aec5930d
+# %% ../nbs/42_bench_train.ipynb #a13e1ce3
 def _bytes(ts): return sum(t.numel() * t.element_size() for t in ts)
 
 def measure_arm(model_kind, arm, device='cpu', batch=8, n_classes=10, steps=5, warmup=2):
@@ -97,7 +97,7 @@ def measure_arm(model_kind, arm, device='cpu', batch=8, n_classes=10, steps=5, w
     trainable = sum(p.numel() for p in params)
     out = dict(model=model_kind, arm=arm, step_ms=statistics.median(times) * 1e3, step_ms_all=[t * 1e3 for t in times],
                trainable_params=trainable, param_bytes=param_bytes, grad_bytes=grad_bytes, state_bytes=state_bytes,
-               loss=float(loss), batch=batch)
+               loss=loss.item(), batch=batch)
     if cuda:
         peak = torch.cuda.max_memory_allocated(device)
         out.update(peak_bytes=peak, rest_bytes=peak - param_bytes - grad_bytes - state_bytes, peak_kind='cuda_max_allocated')
@@ -105,7 +105,7 @@ def measure_arm(model_kind, arm, device='cpu', batch=8, n_classes=10, steps=5, w
         out.update(peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss_before_model=rss0, peak_kind='peak_rss')
     return out
 
-# %% ../nbs/42_bench_train.ipynb #6b5470c4
+# %% ../nbs/42_bench_train.ipynb #26eefce0
 def run_arm_process(model_kind, arm, timeout=1800, **kw):
     "Run `measure_arm` in a fresh Python process; return its result (or the error)."
     args = json.dumps(dict(model_kind=model_kind, arm=arm, **kw))
@@ -115,12 +115,12 @@ def run_arm_process(model_kind, arm, timeout=1800, **kw):
         return dict(model=model_kind, arm=arm, error=(p.stderr or p.stdout).strip().splitlines()[-1:] or ['failed'])
     return json.loads(lines[-1])
 
-# %% ../nbs/42_bench_train.ipynb #06179211
+# %% ../nbs/42_bench_train.ipynb #38a7ae01
 #| eval: false
 if __name__ == '__main__':
     print(json.dumps(measure_arm(**json.loads(sys.argv[1]))))
 
-# %% ../nbs/42_bench_train.ipynb #9f42a6c8
+# %% ../nbs/42_bench_train.ipynb #b20eacbb
 def bench_train(models=('clip', 'bert'), arms=ARMS, device='cpu', clip_batch=8, bert_batch=8, n_classes=10, steps=5, warmup=2):
     "Measure every arm of every model, one process each."
     rows = []
@@ -166,7 +166,7 @@ def train_figure(res, path):
     fig.savefig(path, dpi=100); plt.close(fig)
     return path
 
-# %% ../nbs/42_bench_train.ipynb #efb86cbf
+# %% ../nbs/42_bench_train.ipynb #adcef982
 def cli(argv=None):
     "`so-tutorial bench train`: step time and memory of CLIP ViT-B/16 and BERT-base per arm."
     import argparse

@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['SO']
 
-# %% ../nbs/04_optim.ipynb #445d88da
-import math, warnings, torch
+# %% ../nbs/04_optim.ipynb #2b82bcba
+import math, warnings, itertools, torch
 from torch.optim import Optimizer
 from fastcore.basics import patch
 from .sampling import randperm_support, fast_support
 
-# %% ../nbs/04_optim.ipynb #44004f66
+# %% ../nbs/04_optim.ipynb #4010c435
 _SAMPLERS = {'randperm': randperm_support, 'fast': fast_support}
 
 def _check(ok, name, value, accepted):
@@ -27,7 +27,7 @@ def _validate_group(g):
     _check(isinstance(g['T'], int) and not isinstance(g['T'], bool) and g['T'] >= 1, 'T', g['T'], 'a positive integer')
     _check(g['sampler'] in _SAMPLERS, 'sampler', g['sampler'], ' or '.join(map(repr, _SAMPLERS)))
 
-# %% ../nbs/04_optim.ipynb #84e70ee1
+# %% ../nbs/04_optim.ipynb #ce550b47
 class SO(Optimizer):
     "Sparse Optimization: Adam on a random gradient support S (redrawn every T steps) and a top-|m| moment support M."
     _batched = True  # step all sparse tensors of a group together (see "One pass over all tensors")
@@ -52,13 +52,13 @@ class SO(Optimizer):
         super().add_param_group(param_group)
         _validate_group(self.param_groups[-1])
 
-# %% ../nbs/04_optim.ipynb #a361a403
+# %% ../nbs/04_optim.ipynb #b127871c
 @patch
 def _draw(self:SO, n, k, group, device):
     "A fresh sorted gradient support: k distinct flat indices out of n."
     return _SAMPLERS[group['sampler']](n, k, device=device, generator=self._generator).sort().values
 
-# %% ../nbs/04_optim.ipynb #a8a681c9
+# %% ../nbs/04_optim.ipynb #d1c2720c
 def _argsort(x, bound):
     "Stable argsort of indices below `bound` (sorted as 32-bit integers when they fit: same order, faster)."
     return (x.int() if bound < 2**31 else x).argsort(stable=True)
@@ -75,7 +75,7 @@ def _merge(M, S, n=2**63):
     in_S = ((order >= k) & live) | has_twin
     return idx, order, in_S, live
 
-# %% ../nbs/04_optim.ipynb #74a3b5e1
+# %% ../nbs/04_optim.ipynb #ccdc72e6
 def _prune(score, k):
     "Positions of the k largest scores (ties to the earlier slot), in slot order, with fixed shapes."
     tau = score.kthvalue(score.numel() - k + 1).values  # the k-th largest
@@ -85,7 +85,7 @@ def _prune(score, k):
     return torch.empty(k + 1, dtype=torch.int64, device=score.device).scatter_(
         0, slot, torch.arange(score.numel(), device=score.device))[:k]
 
-# %% ../nbs/04_optim.ipynb #992017dd
+# %% ../nbs/04_optim.ipynb #b3f1c6d8
 def _moment_dtype(p): return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 @patch
@@ -131,7 +131,7 @@ def _sparse_step(self:SO, p, group, k):
     if group['track']: self._track(st, idx, m, live, keep, p.numel())
     st['moment_support'], st['exp_avg'], st['exp_avg_sq'] = (x.index_select(0, keep) for x in (idx, m, v))
 
-# %% ../nbs/04_optim.ipynb #938703f8
+# %% ../nbs/04_optim.ipynb #0965ca6a
 @patch
 def _warn_k0(self:SO, p, group):
     "Warn once per optimizer that tensors with k = 0 are left unchanged."
@@ -141,7 +141,7 @@ def _warn_k0(self:SO, p, group):
                       "group with 'dense': True or a larger density_ratio to train them.")
         self._warned_k0 = True
 
-# %% ../nbs/04_optim.ipynb #3695af14
+# %% ../nbs/04_optim.ipynb #378d285c
 @patch
 def _grad_slots(self:SO, ps, idx, order, in_S, ks, dt, locs=None):
     "The gradient on every candidate slot of the tensors `ps` (one tensor, or a packed group with `locs`)."
@@ -174,7 +174,7 @@ def add_sparse_grad(self:SO, p, values):
     if p.grad is not None: raise ValueError("SO: a parameter received both a dense .grad and a sparse gradient")
     self._sparse_grads[p] = values if p not in self._sparse_grads else self._sparse_grads[p] + values
 
-# %% ../nbs/04_optim.ipynb #46231050
+# %% ../nbs/04_optim.ipynb #3f53a04e
 @patch
 def _track(self:SO, st, idx, m, live, keep, n):
     "Record the changed coordinates and the last evictions (only when the group has track=True)."
@@ -193,7 +193,7 @@ def support(self:SO, p):
                 moment_abs=st['exp_avg'].abs(), changed=st.get('changed'),
                 evicted=st.get('evicted'), evicted_abs=st.get('evicted_abs'))
 
-# %% ../nbs/04_optim.ipynb #fa25180c
+# %% ../nbs/04_optim.ipynb #23f3ff8f
 @patch
 def _dense_step(self:SO, p, group):
     "Adam with L2 weight decay on every entry of `p`."
@@ -209,7 +209,7 @@ def _dense_step(self:SO, p, group):
     upd = (m_hat / ((v / (1 - b2 ** t)).sqrt() + eps)) * -(lr / (1 - b1 ** t))
     p.add_(upd.to(p.dtype))
 
-# %% ../nbs/04_optim.ipynb #c1ef196f
+# %% ../nbs/04_optim.ipynb #d1ad900b
 class _Pack:
     "Packed state of the sparse tensors of one group: views `state[p][key] = buf[a:a+k]`."
     KEYS = ('moment_support', 'grad_support', 'exp_avg', 'exp_avg_sq')
@@ -223,7 +223,7 @@ class _Pack:
         self.seg2 = torch.arange(len(ps), device=dev).repeat_interleave(2 * ks)
         self.off2, self.ends2 = offs.index_select(0, self.seg2), (2 * ks).cumsum(0) - 1
         self.bufs = {key: torch.cat([st[key] for st in sts]) for key in self.KEYS}
-        for st, a, k in zip(sts, [0] + list(torch.tensor(self.ks).cumsum(0)[:-1].tolist()), self.ks):
+        for st, a, k in zip(sts, itertools.accumulate([0] + self.ks[:-1]), self.ks):
             for key, buf in self.bufs.items(): st[key] = buf[a:a + k]
 
     def valid(self, opt, ps):
@@ -236,7 +236,7 @@ def _seg_excl(cs, ends):
     tot = cs.index_select(0, ends)
     return torch.cat([tot.new_zeros(1), tot[:-1]]), tot
 
-# %% ../nbs/04_optim.ipynb #17e6c781
+# %% ../nbs/04_optim.ipynb #b636a52e
 @patch
 def _sparse_group(self:SO, group, ps, kind=False):
     "The math of one SO step for all tensors `ps` of a group at once, identical to `_sparse_step` per tensor."
@@ -270,7 +270,7 @@ def _sparse_group(self:SO, group, ps, kind=False):
     B['moment_support'].copy_(idx.index_select(0, keep) - pk.off)
     B['exp_avg'].copy_(m.index_select(0, keep)); B['exp_avg_sq'].copy_(v.index_select(0, keep))
 
-# %% ../nbs/04_optim.ipynb #97c7d159
+# %% ../nbs/04_optim.ipynb #4f6b68a3
 def _prune_segments(score, pk):
     "`_prune` on every segment of `score` at once: positions of the kept slots, segment by segment."
     taus = torch.stack([s.kthvalue(s.numel() - k + 1).values for s, k in zip(score.split(pk.k2), pk.ks)])
@@ -285,7 +285,7 @@ def _prune_segments(score, pk):
     return torch.empty(pk.K + 1, dtype=torch.int64, device=score.device).scatter_(
         0, slot, torch.arange(score.numel(), device=score.device))[:pk.K]
 
-# %% ../nbs/04_optim.ipynb #3588a367
+# %% ../nbs/04_optim.ipynb #32d20d83
 def _packable(ps):
     return len(ps) > 1 and len({(p.device, _moment_dtype(p)) for p in ps}) == 1
 
@@ -316,7 +316,7 @@ def step(self:SO, closure=None):
     self._prepared = False
     return loss
 
-# %% ../nbs/04_optim.ipynb #a9bc3821
+# %% ../nbs/04_optim.ipynb #03fe0a52
 @patch
 def state_dict(self:SO):
     "The torch optimizer state dict, plus the state of a private support generator."

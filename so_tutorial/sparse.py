@@ -6,13 +6,13 @@
 __all__ = ['SparseBackward', 'clip_grad_norm_', 'all_reduce_sparse_grads', 'discard_sparse_grads', 'grads_finite',
            'sparse_grad_params']
 
-# %% ../nbs/41_sparse_backward.ipynb #7769e432
+# %% ../nbs/41_sparse_backward.ipynb #335f7105
 import types, torch
 import torch.nn.functional as F
 from torch import nn
 from .optim import SO
 
-# %% ../nbs/41_sparse_backward.ipynb #412273a3
+# %% ../nbs/41_sparse_backward.ipynb #d29b51fb
 class _SparseLinearFn(torch.autograd.Function):
     "y = x Wᵀ + b, whose backward gives W's gradient only at the flat indices `S` (handed to SO)."
     @staticmethod
@@ -33,17 +33,17 @@ class _SparseLinearFn(torch.autograd.Function):
         gb = g2.sum(0) if ctx.has_bias else None
         return gx, None, gb, None, None
 
-# %% ../nbs/41_sparse_backward.ipynb #c870c066
+# %% ../nbs/41_sparse_backward.ipynb #004fffb9
 class SparseBackward:
     "Make SO's sparse `nn.Linear` / `nn.MultiheadAttention` weights receive only their k gradient entries."
     def __init__(self, model:nn.Module, opt:SO):
         self.opt, self.modules = opt, []
-        sparse = {p for g in opt.param_groups if not g['dense'] for p in g['params'] if int(p.numel() * g['density_ratio'])}
-        self.sparse = sparse
+        self.sparse = sparse = {p for g in opt.param_groups if not g['dense'] for p in g['params'] if int(p.numel() * g['density_ratio'])}
+        in_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}  # handled by the attention
         for m in model.modules():
             if isinstance(m, nn.MultiheadAttention) and (m.in_proj_weight in sparse or m.out_proj.weight in sparse):
                 m.forward = types.MethodType(_mha_forward, m); m._so_sb = self; self.modules.append(m)
-            elif isinstance(m, nn.Linear) and m.weight in sparse and not _inside_mha(m, model):
+            elif isinstance(m, nn.Linear) and m.weight in sparse and id(m) not in in_mha:
                 m.forward = types.MethodType(_linear_forward, m); m._so_sb = self; self.modules.append(m)
 
     def linear(self, x, weight, bias):
@@ -59,12 +59,9 @@ class SparseBackward:
         for m in self.modules: del m.forward, m._so_sb
         self.modules = []
 
-def _inside_mha(lin, model):
-    return any(isinstance(m, nn.MultiheadAttention) and m.out_proj is lin for m in model.modules())
-
 def _linear_forward(self, x): return self._so_sb.linear(x, self.weight, self.bias)
 
-# %% ../nbs/41_sparse_backward.ipynb #be2a9289
+# %% ../nbs/41_sparse_backward.ipynb #93ed3db8
 def _mha_forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                  average_attn_weights=True, is_causal=False):
     "Self-attention of an `nn.MultiheadAttention` with its projections through `SparseBackward.linear`."
@@ -84,7 +81,7 @@ def _mha_forward(self, query, key, value, key_padding_mask=None, need_weights=Tr
     o = self._so_sb.linear(o.transpose(1, 2).reshape(B, L, E), self.out_proj.weight, self.out_proj.bias)
     return (o if self.batch_first else o.transpose(0, 1)), None
 
-# %% ../nbs/41_sparse_backward.ipynb #d48e20c9
+# %% ../nbs/41_sparse_backward.ipynb #03d198b1
 def clip_grad_norm_(params, max_norm, opt:SO, **kw):
     "`torch.nn.utils.clip_grad_norm_`, refusing when SO holds sparse gradients that the norm would miss."
     if opt._sparse_grads:
@@ -93,7 +90,7 @@ def clip_grad_norm_(params, max_norm, opt:SO, **kw):
                          "Trainer's max_grad_norm=0) or train without the sparse backward.")
     return torch.nn.utils.clip_grad_norm_(params, max_norm, **kw)
 
-# %% ../nbs/41_sparse_backward.ipynb #49de6d45
+# %% ../nbs/41_sparse_backward.ipynb #5474f0a6
 def all_reduce_sparse_grads(opt:SO, group=None):
     "Average SO's pending sparse gradient values across the ranks of `group` (after backward, before `opt.step()`)."
     import torch.distributed as dist
@@ -121,7 +118,7 @@ def grads_finite(params, opt=None):
     dev = gs[0].device
     return torch.stack([torch.isfinite(g).all().to(dev) for g in gs]).all()
 
-# %% ../nbs/41_sparse_backward.ipynb #883690d7
+# %% ../nbs/41_sparse_backward.ipynb #35806dda
 def sparse_grad_params(model:nn.Module):
     "The parameters of `model` whose gradients come from the sparse backward (they never get a `.grad`)."
     out = []
