@@ -108,3 +108,33 @@ def test_results_command_with_only_bad_files_and_bad_out(tmp_path):
     (tmp_path / 'file').write_text('x')
     code, _, err = run(['results', '--runs', str(good), '--out', str(tmp_path / 'file')])
     assert code == 1 and '--out' in err and 'cannot write there' in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------- empty data through `so-tutorial clip`
+
+def _empty_split_argv(tmp_path, split):
+    from so_tutorial.clip import tiny_config
+    from so_tutorial.data import write_fixture_tree
+    f = write_fixture_tree(tmp_path / 'data', ['dtd'])['dtd'] / 'split_zhou_DescribableTextures.json'
+    f.write_text(json.dumps({**json.loads(f.read_text()), split: []}))
+    return f, ['clip', '--root', str(tmp_path / 'data'), '--dataset', 'dtd', '--shots', '2', '--method', 'so',
+               '--backbone', str(tiny_config(tmp_path / 'tiny.json')), '--pretrained', 'none', '--n-iters', '3',
+               '--batch-size', '4', '--device', 'cpu', '--workers', '0', '--output', str(tmp_path / 'runs')]
+
+
+def test_clip_command_refuses_an_empty_train_split(tmp_path):
+    "A split file with an empty train list used to make CLIP training spin forever: now one error line and exit 1."
+    f, argv = _empty_split_argv(tmp_path, 'train')
+    r = subprocess.run([sys.executable, '-m', 'so_tutorial.cli', *argv], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, 'PYTHONPATH': str(REPO)}, timeout=300)  # a hang fails here instead of blocking
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert 'Traceback' not in r.stderr and 'the train split is empty' in r.stderr and str(f) in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not list((tmp_path / 'runs').rglob('result.json'))
+
+
+def test_clip_command_refuses_an_empty_test_split(tmp_path):
+    "An empty test split used to end in a torch.cat error after training."
+    f, argv = _empty_split_argv(tmp_path, 'test')
+    code, _, err = run(argv)
+    assert code == 1 and 'the test split is empty' in err and str(f) in err and len(err.strip().splitlines()) == 1
+    assert not list((tmp_path / 'runs').rglob('result.json'))
