@@ -31,6 +31,7 @@ setuptools.setup(
     keywords=cfg['keywords'],
     packages=setuptools.find_packages(include=['so_tutorial', 'so_tutorial.*']),
     include_package_data=True,
+    package_data={cfg['lib_name']: ['*.txt']},  # data the package reads: imagenet_classnames.txt
     install_requires=reqs('requirements'),
     extras_require={'dev': reqs('dev_requirements')},
     python_requires='>=' + cfg['min_python'],

@@ -1,11 +1,12 @@
-"""Shared code of the data_prep scripts: the command line, downloads (torchvision's utilities), arranging, verifying.
+"""Shared code of the data_prep scripts: the command line, downloads (torchvision's utilities), safe extraction,
+arranging, verifying.
 
 Every `data_prep/<key>.py` does the same four things: download the official archives (skipped when the
 images are already in place), arrange them into the CoOp layout documented in `data_prep/README.md`,
 fetch CoOp's split file, and verify the tree (`so_tutorial.data.load_splits`, the published class and
 split counts, and every image). Heavy imports happen inside functions, so `--help` is instant.
 """
-import argparse, importlib.util, os, shutil, sys
+import argparse, importlib.util, os, shutil, sys, tarfile, zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -151,11 +152,87 @@ def fetch_gdrive(file_id, dest_dir, filename, md5=None):
     return path
 
 
+# ------------------------------------------------------------------------------------------- extracting
+
+HAS_DATA_FILTER = hasattr(tarfile, 'data_filter')  # Python >= 3.12, 3.11.4, 3.10.12, 3.9.17
+
+
+def _unsafe(archive, member, why):
+    from so_tutorial.io import UserError
+    return UserError(f"{archive}: refusing to extract member {member!r}: {why} (it was not written); the archive is "
+                     f"damaged or not the official one: delete it and download it again")
+
+
+def _inside(path, root):
+    "Whether `path`, with every symlink on disk resolved, is `root` or below it."
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _is_absolute(name):
+    "An absolute name on any system: a leading slash or backslash, or a drive letter."
+    return name.startswith(('/', '\\')) or os.path.isabs(name) or (len(name) > 1 and name[1] == ':')
+
+
+def check_tar_member(archive, m, to):
+    """Refuse a tar member that would land (or link) outside `to`, or that is not a file, folder or link.
+
+    Symlinks already extracted are resolved on disk, so call it for each member just before extracting it."""
+    if _is_absolute(m.name): raise _unsafe(archive, m.name, 'its path is absolute')
+    dest = os.path.join(to, m.name)
+    if not _inside(dest, to): raise _unsafe(archive, m.name, f'it would land outside {to}')
+    if m.issym():
+        if _is_absolute(m.linkname): raise _unsafe(archive, m.name, f'it is a symbolic link to the absolute path {m.linkname!r}')
+        if not _inside(os.path.join(os.path.dirname(dest), m.linkname), to):
+            raise _unsafe(archive, m.name, f'it is a symbolic link to {m.linkname!r}, outside {to}')
+    elif m.islnk():
+        if _is_absolute(m.linkname) or not _inside(os.path.join(to, m.linkname), to):
+            raise _unsafe(archive, m.name, f'it is a hard link to {m.linkname!r}, outside {to}')
+    elif not (m.isfile() or m.isdir()):
+        raise _unsafe(archive, m.name, 'it is a device, FIFO or other special file')
+
+
+def _extract_tar(archive, to):
+    with tarfile.open(archive) as tar:  # any compression
+        if HAS_DATA_FILTER:  # our checks, then Python's own 'data' filter (also drops set-uid bits, odd modes)
+            def data(m, path):
+                check_tar_member(archive, m, path)
+                try: return tarfile.data_filter(m, path)
+                except tarfile.FilterError as e: raise _unsafe(archive, m.name, str(e)) from None
+            tar.extractall(to, filter=data)
+            return
+        for m in tar:  # older Pythons: check each member as it comes, with earlier members on disk
+            check_tar_member(archive, m, to)
+            if m.isfile(): m.mode = (m.mode & 0o755) | 0o600  # no set-uid/set-gid/sticky bits, always writable by us
+            tar.extract(m, to, set_attrs=not m.isdir())  # a read-only folder would block its own content
+
+
+def _extract_zip(archive, to):
+    with zipfile.ZipFile(archive) as z:
+        infos = z.infolist()
+        for info in infos:  # zipfile itself rewrites bad names; we refuse them instead of extracting elsewhere
+            name = info.filename
+            if _is_absolute(name): raise _unsafe(archive, name, 'its path is absolute')
+            if '..' in name.replace('\\', '/').split('/'): raise _unsafe(archive, name, "its path contains '..'")
+            if not _inside(os.path.join(to, name), to): raise _unsafe(archive, name, f'it would land outside {to}')
+        z.extractall(to, infos)
+
+
 def extract(archive, to, remove=False):
-    "Extract an archive (tar, tar.gz, tgz, zip) with torchvision's helper."
-    from torchvision.datasets.utils import extract_archive
+    """Extract a tar (any compression) or zip archive into `to`; no member may land or link outside `to`.
+
+    A member with an absolute path, a `..` path leaving `to`, a link pointing outside `to` or a device file stops
+    the extraction with an error naming the archive and the member; `remove` deletes the archive afterwards."""
+    from so_tutorial.io import UserError
+    archive, to = Path(archive), Path(to)
     print(f'  extracting {archive} -> {to}')
-    extract_archive(str(archive), str(to), remove_finished=remove)
+    if not archive.is_file(): raise UserError(f'archive {archive} does not exist')
+    to.mkdir(parents=True, exist_ok=True)
+    if zipfile.is_zipfile(archive): _extract_zip(archive, to)
+    elif tarfile.is_tarfile(archive): _extract_tar(archive, to)
+    else: raise UserError(f'{archive} is neither a tar nor a zip archive (a truncated download?); delete it and download it again')
+    if remove: archive.unlink()
+    return to
 
 
 def standard_prepare(key, args, folder, archives, arrange, gdrive, files):
@@ -168,12 +245,7 @@ def standard_prepare(key, args, folder, archives, arrange, gdrive, files):
         staging.mkdir(parents=True)
         for local in args.archive or []: extract(Path(local).expanduser(), staging, args.remove_archives)
         for url, md5, filename in ([] if args.archive else archives):
-            if url.startswith('gdrive:'):
-                extract(fetch(url, downloads_dir(args), md5, filename), staging, args.remove_archives)
-            else:  # the one-call torchvision helper: download (skipped when complete), check the md5, extract
-                from torchvision.datasets.utils import download_and_extract_archive
-                print(f'  {url}')
-                download_and_extract_archive(url, str(downloads_dir(args)), str(staging), filename, md5, args.remove_archives)
+            extract(fetch(url, downloads_dir(args), md5, filename), staging, args.remove_archives)  # md5-checked
         arrange(staging, folder)
         shutil.rmtree(staging)
         if not any((root / '_staging').iterdir()): (root / '_staging').rmdir()

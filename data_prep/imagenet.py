@@ -1,22 +1,62 @@
 """ImageNet (ILSVRC-2012, 1000 classes): arrange the official archives you downloaded (license: image-net.org),
-fetch CoOp's classnames.txt, verify. Nothing is downloaded from image-net.org by this script.
+verify. Nothing is downloaded by this script; the class names ship with so_tutorial (the paper's list).
 
     # 1. log in at https://image-net.org, download ILSVRC2012_img_train.tar (138 GB), ILSVRC2012_img_val.tar
     #    (6.3 GB) and ILSVRC2012_devkit_t12.tar.gz into one folder, say ~/ilsvrc
-    # 2. extract them into the layout (torchvision's ImageNet helpers; md5-checked; about 300 GB free needed):
+    # 2. extract them into the layout (md5-checked, safe extraction; about 300 GB free needed):
     python data_prep/imagenet.py --root $DATA --archives ~/ilsvrc
     # or, with train/ and val/ class folders already on disk: symlink them (README.md) and only verify:
     python data_prep/imagenet.py --root $DATA --verify-only
 
-Result: $DATA/imagenet/images/train/<wnid>/*.JPEG, images/val/<wnid>/*.JPEG (val sorted into class folders
-with the devkit's ground truth) and $DATA/imagenet/classnames.txt. The val folder is the test set.
+Result: $DATA/imagenet/images/train/<wnid>/*.JPEG and images/val/<wnid>/*.JPEG (val sorted into class folders
+with the devkit's ground truth). The val folder is the test set. A CoOp classnames.txt in $DATA/imagenet/ is
+not needed; when present it is compared with the shipped names (a warning lists any difference).
 A flat images/val/ (the val tar extracted as is) is sorted in place with --sort-val (needs the devkit).
 """
-import os, shutil, sys
+import os, shutil, sys, tempfile
 from pathlib import Path
-from common import run, fetch_gdrive
+from common import run, extract
 
-CLASSNAMES_ID = '1-61f_ol79pViBFDG_IDlUQSwoLcn2XXF'
+# the official archives and their md5s (as torchvision's ImageNet dataset checks them)
+ARCHIVES = {'train': ('ILSVRC2012_img_train.tar', '1d675b47d978889d74fa0da5fadfb00e'),
+            'val': ('ILSVRC2012_img_val.tar', '29b22e2961454d5413ddabcf34fc5622'),
+            'devkit': ('ILSVRC2012_devkit_t12.tar.gz', 'fa75699e90414af021442c21a62c3abf')}
+
+
+def archive(folder, which):
+    "The path of an official archive in `folder`, after checking its md5."
+    from so_tutorial.io import UserError
+    from torchvision.datasets.utils import check_integrity
+    name, md5 = ARCHIVES[which]
+    path = Path(folder) / name
+    if not path.is_file(): raise UserError(f"{path} is missing; download it from image-net.org into {folder}")
+    print(f'  checking the md5 of {path}')
+    if not check_integrity(str(path), md5):
+        raise UserError(f"{path} is damaged or not the official file (md5 differs from {md5}); download it again")
+    return path
+
+
+def devkit_val_wnids(devkit):
+    "The wnid of each validation image (in file-name order) from the devkit's meta.mat and ground-truth file."
+    from scipy.io import loadmat
+    from so_tutorial.io import UserError
+    with tempfile.TemporaryDirectory() as tmp:
+        extract(devkit, tmp)
+        data = Path(tmp) / 'ILSVRC2012_devkit_t12' / 'data'
+        try:
+            syn = loadmat(str(data / 'meta.mat'), squeeze_me=True)['synsets']
+            truth = (data / 'ILSVRC2012_validation_ground_truth.txt').read_text().split()
+        except (OSError, KeyError, ValueError) as e:
+            raise UserError(f"{devkit}: not the ILSVRC-2012 devkit ({type(e).__name__}: {e}); download it again") from None
+    leaf = {int(i): str(w) for i, w, kids in zip(syn['ILSVRC2012_ID'], syn['WNID'], syn['num_children']) if int(kids) == 0}
+    return [leaf[int(i)] for i in truth]
+
+
+def extract_train(tar, train_dir):
+    "The train tar holds one tar per class: extract each into its class folder, then delete it."
+    train_dir = Path(train_dir)
+    extract(tar, train_dir)
+    for inner in sorted(train_dir.glob('*.tar')): extract(inner, train_dir / inner.stem, remove=True)
 
 
 def sort_val(val_dir, wnids):
@@ -38,7 +78,6 @@ def add_args(p):
 
 def prepare(args, folder):
     from so_tutorial.io import UserError
-    from torchvision.datasets import imagenet as tvi
     # CoOp's images/train, or CLIP-LoRA's train/ directly in imagenet/
     images = next((folder / d for d in ('images', '') if (folder / d / 'train').is_dir()), folder / 'images')
     need_train, need_val = not (images / 'train').is_dir(), not (images / 'val').is_dir()
@@ -46,13 +85,12 @@ def prepare(args, folder):
         raise UserError("ImageNet needs a manual download (license): put the ILSVRC-2012 archives in a folder and pass "
                         "--archives DIR, or symlink existing train/ and val/ class folders into "
                         f"{images} (see data_prep/README.md)")
-    if args.archives:
-        arch = Path(args.archives).expanduser()
-        if not (arch / tvi.META_FILE).is_file(): tvi.parse_devkit_archive(str(arch))  # md5-checked
-        if need_train: tvi.parse_train_archive(str(arch), folder=str((images / 'train').resolve()))
-        if need_val: tvi.parse_val_archive(str(arch), folder=str((images / 'val').resolve()))
-        elif args.sort_val: sort_val(images / 'val', tvi.load_meta_file(str(arch))[1])
-    fetch_gdrive(CLASSNAMES_ID, folder, 'classnames.txt')
+    if not args.archives: return
+    arch = Path(args.archives).expanduser()
+    wnids = devkit_val_wnids(archive(arch, 'devkit')) if need_val or args.sort_val else None
+    if need_train: extract_train(archive(arch, 'train'), images / 'train')
+    if need_val: extract(archive(arch, 'val'), images / 'val')
+    if need_val or args.sort_val: sort_val(images / 'val', wnids)
 
 
 def main(argv=None):

@@ -8,6 +8,7 @@ __all__ = ['COMMANDS', 'main']
 # %% ../nbs/50_cli.ipynb #00b98196
 import argparse, importlib, sys
 from pathlib import Path
+from . import __version__
 from .io import UserError
 
 # %% ../nbs/50_cli.ipynb #5ec1cd36
@@ -27,20 +28,27 @@ def _resolve(target):
     mod, fn = target.split(':')
     return getattr(importlib.import_module(mod), fn)
 
-def _usage(table, prog):
-    width = max(map(len, table))
-    lines = [f'usage: {prog} {{{",".join(table)}}} ...', '']
+_OPTIONS = [('-h, --help', 'show this help and exit'), ('-V, --version', 'print the version of so_tutorial and exit')]
+
+def _usage(table, prog, top=False):
+    width = max(map(len, [*table, *(o for o, _ in _OPTIONS)]))
+    lines = [f'usage: {prog} {{{",".join(table)}}} ...'] + ([f'       {prog} --version'] if top else []) + ['', 'commands:']
     for name, entry in table.items():
         help_ = entry[1] if isinstance(entry, tuple) else 'subcommands: ' + ', '.join(entry)
         lines.append(f'  {name:<{width}}  {help_}')
+    lines += ['', 'options:'] + [f'  {o:<{width}}  {h}' for o, h in (_OPTIONS if top else _OPTIONS[:1])]
     return '\n'.join(lines)
 
 def main(argv=None, table=None, prog='so-tutorial'):
     "Entry point of `so-tutorial`: dispatch to the command's `cli(argv)`; user errors exit 1 without a traceback."
+    top = table is None
     argv, table = list(sys.argv[1:] if argv is None else argv), table or COMMANDS
     if not argv or argv[0] in ('-h', '--help'):
-        print('SO (Sparse Optimization): tutorial experiments and benchmarks.\n\n' + _usage(table, prog))
+        print('SO (Sparse Optimization): tutorial experiments and benchmarks.\n\n' + _usage(table, prog, top))
         return 0 if argv else 2
+    if top and argv[0] in ('-V', '--version'):
+        print(f'{prog} {__version__}')
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in table:
         print(f"{prog}: unknown command {name!r}; choose from: {', '.join(table)}", file=sys.stderr)

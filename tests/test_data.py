@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from so_tutorial.data import (DATASETS, Item, Splits, ImageListDataset, few_shot, load_splits, prompts,
-                              read_item_list, seed_everything, write_fixture_tree, write_item_list)
+from so_tutorial.data import (DATASETS, Item, Splits, ImageListDataset, few_shot, imagenet_classnames, load_splits,
+                              prompts, read_item_list, seed_everything, write_fixture_tree, write_item_list)
 from so_tutorial.io import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,7 +149,7 @@ def test_missing_image_folder(tmp_path):
     with pytest.raises(UserError, match='cars_train'): load_splits('stanford_cars', tmp_path)
 
 
-@pytest.mark.parametrize('key', ['dtd', 'fgvc', 'imagenet', 'ucf101'])
+@pytest.mark.parametrize('key', ['dtd', 'fgvc', 'ucf101'])
 def test_missing_split_file_names_path_and_command(tmp_path, key):
     folders = write_fixture_tree(tmp_path, [key])
     (folders[key] / DATASETS[key].split_file).unlink()
@@ -185,14 +185,152 @@ def test_malformed_split_file(tmp_path, content, match):
 def test_imagenet_bad_trees(tmp_path):
     f = write_fixture_tree(tmp_path, ['imagenet'])['imagenet']
     lines = (f / 'classnames.txt').read_text().splitlines()
-    (f / 'classnames.txt').write_text('\n'.join(lines[1:]) + '\n')
-    with pytest.raises(UserError, match='has no name for'): load_splits('imagenet', tmp_path)
+    (f / 'classnames.txt').write_text('\n'.join(lines[:2]) + '\n')  # the fixture's third wnid is made up
+    with pytest.raises(UserError, match='not ILSVRC-2012 classes') as e: load_splits('imagenet', tmp_path)
+    assert 'n01442764' in str(e.value) and str(f / 'classnames.txt') in str(e.value) and 'data_prep/imagenet.py' in str(e.value)
     (f / 'classnames.txt').write_text('\n'.join(lines) + '\n')
     (f / 'images' / 'val' / 'n09999999').mkdir()
     with pytest.raises(UserError, match='that train/ lacks'): load_splits('imagenet', tmp_path)
     (f / 'images' / 'val' / 'n09999999').rmdir()
     shutil.rmtree(f / 'images' / 'val')
     with pytest.raises(UserError, match='val is missing'): load_splits('imagenet', tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- ImageNet class names
+
+def test_imagenet_classnames_are_the_papers_list():
+    "The shipped list: 1,000 sorted ILSVRC-2012 wnids, each with the name of OpenAI CLIP's list (open_clip's copy)."
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    names = imagenet_classnames()
+    assert len(names) == 1000 and list(names) == sorted(names) and all(w[0] == 'n' and len(w) == 9 for w in names)
+    assert list(names.values()) == list(IMAGENET_CLASSNAMES)
+    assert names['n01440764'] == 'tench' and names['n15075141'] == 'toilet paper'
+    assert names['n02012849'] == 'crane bird' and names['n03126707'] == 'construction crane'
+
+
+def test_imagenet_wnids_match_timm_when_installed():
+    timm_info = pytest.importorskip('timm').__file__
+    synsets = Path(timm_info).parent / 'data' / '_info' / 'imagenet_synsets.txt'
+    if not synsets.is_file(): pytest.skip('this timm has no ImageNet synset list')
+    assert list(imagenet_classnames()) == synsets.read_text().split()
+
+
+def test_imagenet_names_come_from_the_papers_list(tmp_path, caplog):
+    "Real wnids take the paper's names without classnames.txt; a classnames.txt that disagrees is reported, not used."
+    f = write_fixture_tree(tmp_path, ['imagenet'])['imagenet']
+    assert load_splits('imagenet', tmp_path).classnames == ['tench', 'goldfish', 'great white shark']  # fixture's file
+    for w in ('n01441764', 'n01442764'):  # make the tree all-real: rename the made-up class folders
+        real = {'n01441764': 'n01443537', 'n01442764': 'n01484850'}[w]
+        for sub in ('train', 'val'): (f / 'images' / sub / w).rename(f / 'images' / sub / real)
+    (f / 'classnames.txt').unlink()
+    s = load_splits('imagenet', tmp_path)
+    assert s.classnames == ['tench', 'goldfish', 'great white shark'] and s.train[0].classname == 'tench'
+    (f / 'classnames.txt').write_text('n01440764 Tinca tinca\nn01443537 goldfish\n')
+    with caplog.at_level(logging.WARNING, logger='so_tutorial.data'):
+        s = load_splits('imagenet', tmp_path)
+    assert s.classnames[0] == 'tench' and {it.classname for it in s.test if it.label == 0} == {'tench'}
+    assert "names 1 class(es) differently" in caplog.text and "'Tinca tinca' (paper: 'tench')" in caplog.text
+    assert str(f / 'classnames.txt') in caplog.text
+
+
+def test_imagenet_classnames_file_is_installed(tmp_path):
+    "A wheel built from the repository carries the names file, and the installed package reads it from there."
+    if importlib.util.find_spec('setuptools') is None or importlib.util.find_spec('wheel') is None:
+        pytest.skip('needs setuptools and wheel to build')
+    src = tmp_path / 'src'
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns('.git', 'nbs', 'tests', '_docs', 'results', 'benchmarks',
+                                                             '*.egg-info', 'build', '__pycache__', '.ipynb_checkpoints'))
+    r = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w',
+                        str(tmp_path / 'dist'), str(src)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wheel = next((tmp_path / 'dist').glob('so_tutorial-*.whl'))
+    import zipfile
+    assert 'so_tutorial/imagenet_classnames.txt' in zipfile.ZipFile(wheel).namelist()
+    target = tmp_path / 'site'
+    zipfile.ZipFile(wheel).extractall(target)  # what pip install puts in site-packages
+    code = ('import so_tutorial.data as d, sys; n = d.imagenet_classnames(); '
+            'assert d.__file__.startswith(sys.argv[1]), d.__file__; print(len(n), n["n01440764"])')
+    env = {k: v for k, v in __import__('os').environ.items() if k != 'PYTHONPATH'}
+    r = subprocess.run([sys.executable, '-c', code, str(target)], capture_output=True, text=True, cwd=tmp_path,
+                       env={**env, 'PYTHONPATH': str(target)}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ['1000', 'tench']
+
+
+# ------------------------------------------------------------------------------------------- data that cannot train
+
+def _rewrite_split(f, **changes):
+    d = json.loads(f.read_text()); d.update(changes); f.write_text(json.dumps(d))
+    return d
+
+
+def test_empty_train_split_is_refused(tmp_path):
+    f = write_fixture_tree(tmp_path, ['dtd'])['dtd'] / 'split_zhou_DescribableTextures.json'
+    _rewrite_split(f, train=[])
+    with pytest.raises(UserError) as e: load_splits('dtd', tmp_path)
+    msg = str(e.value)
+    assert msg.startswith(f'{f}: the train split is empty') and 'python data_prep/dtd.py --root' in msg and '\n' not in msg
+
+
+def test_empty_test_split_is_refused(tmp_path):
+    f = write_fixture_tree(tmp_path, ['eurosat'])['eurosat'] / 'split_zhou_EuroSAT.json'
+    _rewrite_split(f, test=[])
+    with pytest.raises(UserError, match='the test split is empty') as e: load_splits('eurosat', tmp_path)
+    assert str(f) in str(e.value)
+
+
+def test_empty_val_split_is_allowed(tmp_path):
+    f = write_fixture_tree(tmp_path, ['dtd'])['dtd'] / 'split_zhou_DescribableTextures.json'
+    _rewrite_split(f, val=[])
+    s = load_splits('dtd', tmp_path)
+    seed_everything(1)
+    train, val = few_shot(s, 2)
+    assert len(train) == 6 and val == []
+
+
+def test_class_without_training_item_is_refused(tmp_path):
+    "A class seen only in val/test used to be dropped silently from training (and still scored at test time)."
+    f = write_fixture_tree(tmp_path, ['dtd'])['dtd'] / 'split_zhou_DescribableTextures.json'
+    d = json.loads(f.read_text())
+    _rewrite_split(f, train=[r for r in d['train'] if r[1] != 1])
+    with pytest.raises(UserError) as e: load_splits('dtd', tmp_path)
+    assert str(f) in str(e.value) and "1 of 3 classes have no training image (1 'blotchy')" in str(e.value)
+
+
+def test_fgvc_empty_and_missing_classes(tmp_path):
+    f = write_fixture_tree(tmp_path, ['fgvc'])['fgvc']
+    train = f / 'images_variant_train.txt'
+    lines = train.read_text().splitlines()
+    train.write_text('\n'.join(l for l in lines if not l.endswith(' 727-200')) + '\n')
+    with pytest.raises(UserError, match=r"no training image \(1 '727-200'\)") as e: load_splits('fgvc', tmp_path)
+    assert str(train) in str(e.value)
+    train.write_text('')
+    with pytest.raises(UserError, match='the train split is empty'): load_splits('fgvc', tmp_path)
+    train.write_text('\n'.join(lines) + '\n')
+    (f / 'images_variant_test.txt').write_text('\n')
+    with pytest.raises(UserError, match='images_variant_test.txt: the test split is empty'): load_splits('fgvc', tmp_path)
+
+
+def test_imagenet_empty_class_folder_and_empty_val(tmp_path):
+    f = write_fixture_tree(tmp_path, ['imagenet'])['imagenet']
+    gold = f / 'images' / 'train' / 'n01441764'
+    for img in gold.iterdir(): img.unlink()
+    with pytest.raises(UserError, match=r"1 of 3 classes have no training image \(n01441764") as e:
+        load_splits('imagenet', tmp_path)
+    assert str(f / 'images' / 'train') in str(e.value)
+    gold.rmdir()
+    shutil.rmtree(f / 'images' / 'val' / 'n01441764')
+    for d in (f / 'images' / 'val').iterdir():
+        for img in d.iterdir(): img.unlink()
+    with pytest.raises(UserError, match='the test split is empty') as e: load_splits('imagenet', tmp_path)
+    assert str(f / 'images' / 'val') in str(e.value)
+
+
+def test_verify_reports_an_empty_split(tmp_path, capsys):
+    f = write_fixture_tree(tmp_path, ['dtd'])['dtd'] / 'split_zhou_DescribableTextures.json'
+    _rewrite_split(f, train=[])
+    assert load_script('verify').main(['--root', str(tmp_path), '--no-counts', '--datasets', 'dtd']) == 1
+    assert 'the train split is empty' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('shots', [0, -1, 1.5, True, '4'])
