@@ -61,7 +61,7 @@ def run_grid(jobs, # list of (run_id, cfg)
 
 def load_results(root):
     "Every `result.json` below `root`, each with its `run_dir`."
-    return [{**json.loads(p.read_text()), 'run_dir': str(p.parent)} for p in sorted(Path(root).rglob(RESULT))]
+    return [{**json.loads(p.read_text()), 'run_dir': str(p.parent)} for p in sorted(Path(root).rglob('result.json'))]
 
 # %% ../nbs/06a_sweep.ipynb #7a2eef6e
 OUTCOMES = ('ran', 'failed', 'finished before', 'finished by another process', 'claimed by another process')

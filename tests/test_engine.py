@@ -104,6 +104,11 @@ def test_resume_is_exact_and_checks_the_weights(tmp_path):
         run_training(other, CFG, tmp_path / 'run', 30, resume=True, progress=False)
 
 
+def test_every_rank_needs_a_part_of_every_batch():
+    engine._check_batches([4, 4, 1], 1)
+    with pytest.raises(UserError, match='with 2 processes every batch needs at least 2 examples'): engine._check_batches([4, 4, 1], 2)
+
+
 def test_checkpoint_of_an_older_format_is_refused(tmp_path):
     torch.save(dict(format='so_tutorial.resume/1'), tmp_path / RESUME_FILE)
     with pytest.raises(UserError, match='not a resume checkpoint of this version'): load_resume(tmp_path / RESUME_FILE, CFG)
