@@ -441,14 +441,14 @@ def _bert_parser(prog, sweep=False):
     ap.add_argument('--check-sync', type=int, default=0, help='under torchrun: check every N steps that all ranks hold the same weights')
     ap.add_argument('--force', action='store_true', help='rerun even if a finished result exists (a failed rerun keeps it)')
     if sweep:
-        ap.add_argument('--kappas', dest='density_ratios', type=float, nargs='+', default=[1e-2, 1e-3, 1e-4, 1e-5], help='SO densities κ')
+        ap.add_argument('--kappas', dest='density_ratios', metavar='KAPPA', type=float, nargs='+', default=[1e-2, 1e-3, 1e-4, 1e-5], help='SO densities κ')
         ap.add_argument('--Ts', type=int, nargs='+', default=[5, 10, 20], help='SO refresh periods T')
         ap.add_argument('--ranks', type=int, nargs='+', default=[2, 4, 8, 16], help='LoRA ranks r')
         ap.add_argument('--seeds', type=int, nargs='+', default=[42], help='several seeds add mean and std columns')
         ap.add_argument('--output', type=Path, help='grid folder (runs/bert/<model>/<data> when omitted)')
         ap.add_argument('--shard', help='i/n: run every n-th job starting at i (0 <= i < n)')
     else:
-        ap.add_argument('--kappa', dest='density_ratio', type=float, default=1e-4, help='SO density κ: k = floor(numel·κ) per sparse tensor')
+        ap.add_argument('--kappa', dest='density_ratio', metavar='KAPPA', type=float, default=1e-4, help='SO density κ: k = floor(numel·κ) per sparse tensor')
         ap.add_argument('--T', type=int, default=5, help='SO support refresh period')
         ap.add_argument('--rank', type=int, default=8, help='LoRA rank r')
         ap.add_argument('--seed', type=int, default=42, help='seed for the 32-shot draw, the head, the LoRA init, dropout and the data order')
