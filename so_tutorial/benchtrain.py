@@ -58,7 +58,7 @@ def _bert_setup(arm, device, batch, seq=128):
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-5)
     elif arm == 'adam': opt = torch.optim.Adam(model.parameters(), lr=2e-5)
     else:
-        opt = so_optimizer(model, kappa=1e-4, T=5)
+        opt = so_optimizer(model, density_ratio=1e-4, T=5)
         if arm.startswith('so_sparse'): SparseBackward(model, opt)
     model.train()
     g = torch.Generator().manual_seed(0)

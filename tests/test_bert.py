@@ -1,5 +1,6 @@
 "BERT GLUE-RTE 32-shot pipeline (so_tutorial.bert) on a tiny BERT and generated RTE-format data, offline."
 import json, re, warnings
+from dataclasses import replace
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +13,7 @@ pytest.importorskip('peft')
 from so_tutorial import bert
 from so_tutorial.cli import main
 from so_tutorial.io import UserError
+from so_tutorial.engine import train
 
 transformers.logging.set_verbosity_error(); transformers.logging.disable_progress_bar(); datasets.disable_progress_bars()
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning', 'ignore::FutureWarning', 'ignore::DeprecationWarning')
@@ -39,12 +41,12 @@ def test_so_run_through_cli(fx, tmp_path, capsys):
     printed = capsys.readouterr().out
     res = json.loads((out / 'result.json').read_text())
     line = next(l for l in printed.splitlines() if l.startswith('SO – '))
-    assert line.startswith('SO – tiny-bert RTE-32shot: ') and 'legacy Q2 bias correction' in line
+    assert line.startswith('SO – tiny-bert RTE-32shot: ') and 'legacy bias correction' in line
     assert float(re.search(r':\s*([0-9.]+)%', line).group(1)) == round(res['val_acc'], 1)  # what the paper's grid script parses
     assert 'Hit --max-steps 6' in printed
     assert res['status'] == 'ok' and res['method'] == 'so' and res['steps'] == 6 and res['stop_reason'] == 'max_steps'
     c = res['config']
-    assert (c['kappa'], c['T'], c['legacy_dense_bias'], c['seed'], c['device']) == (0.01, 2, True, 42, 'cpu')
+    assert (c['density_ratio'], c['T'], c['legacy_dense_bias'], c['seed'], c['device']) == (0.01, 2, True, 42, 'cpu')
     assert c['model'] == fx['model'] and c['data'] == fx['jsonl'] and 'rank' not in c
     assert 'legacy' in res['dense_group'] and res['val_total'] == 40 and res['train_size'] == 32
     assert 0 <= res['val_acc'] <= 100 and res['val_correct'] == round(res['val_acc'] * 40 / 100)
@@ -59,7 +61,7 @@ def test_lora_run_through_cli_on_csv(fx, tmp_path, capsys):
     assert main(_cli(fx, '--method', 'lora', '--rank', '2', '--max-steps', '4', '--output', str(out), data='csv')) == 0
     assert re.search(r'^LoRA – tiny-bert RTE-32shot: [0-9.]+%', capsys.readouterr().out, re.M)
     res = json.loads((out / 'result.json').read_text())
-    assert res['method'] == 'lora' and res['config']['rank'] == 2 and 'kappa' not in res['config'] and res['steps'] == 4
+    assert res['method'] == 'lora' and res['config']['rank'] == 2 and 'density_ratio' not in res['config'] and res['steps'] == 4
     assert res['config']['data'] == fx['csv'] and res['val_total'] == 40
 
 
@@ -80,13 +82,14 @@ def test_default_output_folder_names_the_run(fx, tmp_path, monkeypatch, capsys):
 
 
 def test_legacy_switch_changes_only_the_dense_group_step(fx):
-    "Quirk Q2: the first dense step is 1/(1-β1) = 10× larger with the legacy switch; sparse tensors are unaffected."
+    "The legacy dense-group update bias-corrects the first moment twice: its first step is 1/(1-β1) = 10× larger; sparse tensors are unaffected."
     moved = {}
     for legacy in (True, False):
-        cfg = bert.bert_config(method='so', model=fx['model'], data=fx['jsonl'], max_length=32, kappa=1e-2, device='cpu', legacy_dense_bias=legacy)
+        cfg = bert.BertRunConfig(method='so', model=fx['model'], data=fx['jsonl'], max_length=32, density_ratio=1e-2, device='cpu',
+                                 legacy_dense_bias=legacy).resolved()
         r = bert.prepare(cfg)
         before = {n: p.detach().clone() for n, p in r['model'].named_parameters()}
-        bert.seed_everything(42); bert.train_loop(r['model'], r['opt'], r['sched'], r['train_dl'], 0, 1, progress=False)
+        bert.seed_everything(42); train(r['training'], 1, stop_batch_loss=0, progress=False)
         moved[legacy] = {n: (p.detach() - before[n]).abs().max().item() for n, p in r['model'].named_parameters()}
     clf = 'classifier.weight'
     assert moved[True][clf] == pytest.approx(10 * moved[False][clf], rel=1e-2)
@@ -101,12 +104,12 @@ def test_rerun_is_skipped_force_reruns_other_config_refused(fx, tmp_path, capsys
     first = (out / 'result.json').read_text()
     capsys.readouterr()
     assert main(argv) == 0
-    assert 'already done' in capsys.readouterr().out and (out / 'result.json').read_text() == first
+    assert 'finished already' in capsys.readouterr().out and (out / 'result.json').read_text() == first
     assert main(argv + ['--force']) == 0
     assert json.loads((out / 'result.json').read_text())['wall_s'] != json.loads(first)['wall_s']
     capsys.readouterr()
     assert main(_cli(fx, '--method', 'lora', '--rank', '4', '--max-steps', '2', '--output', str(out))) == 1
-    assert 'holds the result of another run (differs in rank)' in capsys.readouterr().err
+    assert 'holds the result of another run (--rank is 2 there, 4 here)' in capsys.readouterr().err
 
 
 def test_so_grid_records_failures_and_resumes(fx, tmp_path, monkeypatch, capsys):
@@ -114,10 +117,10 @@ def test_so_grid_records_failures_and_resumes(fx, tmp_path, monkeypatch, capsys)
     argv = _sweep(fx, '--method', 'so', '--kappas', '1e-2', '1e-3', '--Ts', '2', '--max-steps', '3', '--output', str(root))
     real = bert.run_bert
     def flaky(cfg, out_dir=None, progress=True):
-        if cfg['kappa'] == 1e-3: raise RuntimeError('boom')
+        if cfg.density_ratio == 1e-3: raise RuntimeError('boom')
         return real(cfg, out_dir, progress=False)
     monkeypatch.setattr(bert, 'run_bert', flaky)
-    assert main(argv) == 0
+    assert main(argv) == 1  # a job failed in this process
     df = pd.read_csv(root / 'so_grid_results.csv')
     assert list(df.columns[:4]) == ['kappa', 'T', 'steps', 'val_acc'] and list(df.kappa) == [1e-2, 1e-3]
     assert list(df.status) == ['ok', 'failed'] and 'RuntimeError: boom' in df.error[1] and df.steps[0] == 3
@@ -146,16 +149,18 @@ def test_lora_grid_with_seeds_and_shards(fx, tmp_path, capsys):
 
 
 def test_trainer_gives_the_same_run(fx):
-    cfg = bert.bert_config(method='so', model=fx['model'], data=fx['jsonl'], max_length=32, kappa=1e-2, T=3, device='cpu')
+    cfg = bert.BertRunConfig(method='so', model=fx['model'], data=fx['jsonl'], max_length=32, density_ratio=1e-2, T=3, device='cpu').resolved()
+    def loop(r):
+        st = train(r['training'], 10, stop_batch_loss=0.0, progress=False)
+        return st['step'], st['losses'], st['reason']
     runs = []
-    for driver in (bert.train_loop, bert.train_with_trainer):
+    for driver in (loop, lambda r: bert.train_with_trainer(r['model'], r['opt'], r['sched'], r['train_dl'], 0.0, 10, seed=42, progress=False)):
         r = bert.prepare(cfg); bert.seed_everything(42)
-        kw = dict(seed=42) if driver is bert.train_with_trainer else {}
-        runs.append((driver(r['model'], r['opt'], r['sched'], r['train_dl'], 0.0, 10, progress=False, **kw), r['model'].state_dict()))
+        runs.append((driver(r), r['model'].state_dict()))
     (loop, w1), (trainer, w2) = runs
     assert loop == trainer and loop[0] == 10 and loop[2] == 'max_steps'  # 10 steps cross two epoch boundaries (4 batches each)
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
-    res = bert.run_bert({**cfg, 'driver': 'trainer', 'loss_stop': 10.0}, progress=False)
+    res = bert.run_bert(replace(cfg, driver='trainer', loss_stop=10.0), progress=False)
     assert (res['steps'], res['stop_reason'], res['config']['driver']) == (1, 'loss_stop', 'trainer')
 
 
@@ -180,7 +185,7 @@ def test_bad_model_is_a_clear_error(fx, tmp_path, capsys):
     (tmp_path / 'empty').mkdir()
     assert main(_cli(fx, '--method', 'so') + ['--model', str(tmp_path / 'empty')]) == 1
     assert 'no config.json' in capsys.readouterr().err
-    with pytest.raises(UserError, match='--kappa must be in'): bert.bert_config(method='so', kappa=0.0, device='cpu')
+    with pytest.raises(UserError, match='--kappa must be in'): bert.BertRunConfig(method='so', density_ratio=0.0, device='cpu').resolved()
 
 
 def test_few_shot_draws(fx):
@@ -228,8 +233,8 @@ def test_sparse_backward_flag(fx, tmp_path, capsys):
     assert main(_cli(fx, *args, '--sparse-backward', '--output', str(out))) == 0
     res = json.loads((out / 'result.json').read_text())
     assert res['config']['sparse_backward'] is True and res['steps'] == 4 and res['status'] == 'ok'
-    cfg = bert.bert_config(method='so', kappa=1e-2, sparse_backward=True, device='cpu')
-    assert bert.arm_id(cfg).endswith('_sb') and bert.arm_id(cfg) != bert.arm_id({**cfg, 'sparse_backward': False})
+    cfg = bert.BertRunConfig(method='so', density_ratio=1e-2, sparse_backward=True, device='cpu').resolved()
+    assert bert.arm_id(cfg).endswith('_sb') and bert.arm_id(cfg) != bert.arm_id(replace(cfg, sparse_backward=False))
     # the sparse backward really ran: its weights differ in the last bits from the dense-gradient run's
     assert main(_cli(fx, *args, '--output', str(tmp_path / 'dense'))) == 0
     dense = json.loads((tmp_path / 'dense' / 'result.json').read_text())

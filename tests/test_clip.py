@@ -50,7 +50,7 @@ def runs(env):
     out = {}
     for m in METHODS:
         code, _, err = quiet(argv_for(env, m))
-        out[m] = (code, env['out'] / clip.run_id(cfg_for(env, m)), err)
+        out[m] = (code, env['out'] / cfg_for(env, m).run_id(), err)
     return out
 
 
@@ -177,7 +177,7 @@ def test_method_end_to_end(runs, method):
     assert code == 0, err
     r = json.loads((d / 'result.json').read_text())
     assert r['status'] == 'ok' and r['method'] == method and r['run_id'] == str(d.relative_to(d.parents[3]))
-    for k in ('config', 'versions', 'machine', 'device', 'zero_shot_top1', 'top1', 'steps', 'early_stopped', 'wall_time_s',
+    for k in ('config', 'versions', 'machine', 'device', 'zero_shot_top1', 'top1', 'steps', 'early_stopped', 'wall_s',
               'peak_memory_bytes', 'checkpoint', 'few_shot_list'):
         assert k in r, k
     assert r['total'] == 6 and 0 <= r['top1'] <= 100 and r['peak_memory_bytes'] > 0
@@ -257,15 +257,15 @@ def test_sweep_resumes_after_an_interrupted_run(env, tmp_path, monkeypatch):
             '--batch-size', '2', '--density-ratio', '0.05', '--early-stop-loss', '0', '--device', 'cpu', '--workers', '0',
             '--output', str(out)]
     first, second = (out / f'dtd/1shot/seed1/{n}' for n in ('zeroshot_tiny-none', 'so_d0.05_T5_tiny-none_it10_bs2_es0'))
-    train_loop = clip.train_loop
+    run_training = clip.run_training
     def interrupted(*a, **kw): raise KeyboardInterrupt  # Ctrl-C in the middle of the second run
-    monkeypatch.setattr(clip, 'train_loop', interrupted)
+    monkeypatch.setattr(clip, 'run_training', interrupted)
     with pytest.raises(KeyboardInterrupt): quiet(args)
     assert (first / 'result.json').exists() and (second / 'train_items.jsonl').exists() and not (second / 'result.json').exists()
     # a SIGKILL leaves the claim behind: the claim of a process that is gone
     dead = subprocess.Popen(['true']); dead.wait()
     (second / '.claim').write_text(json.dumps(dict(host=socket.gethostname(), pid=dead.pid, time=time.time())))
-    monkeypatch.setattr(clip, 'train_loop', train_loop)
+    monkeypatch.setattr(clip, 'run_training', run_training)
     done = (first / 'result.json').stat().st_mtime_ns
     code, _, err = quiet(args)
     assert code == 0, err
@@ -358,7 +358,7 @@ def test_autocast_bf16_and_text_only(env, tmp_path):
 def test_sparse_backward_flag(env, tmp_path):
     code, _, err = quiet(argv_for(env, 'so', out=tmp_path) + ['--sparse-backward'])
     assert code == 0, err
-    sb, dense = clip.run_id(cfg_for(env, 'so', sparse_backward=True)), clip.run_id(cfg_for(env, 'so'))
+    sb, dense = cfg_for(env, 'so', sparse_backward=True).run_id(), cfg_for(env, 'so').run_id()
     assert '_sb_' in sb and sb.replace('_sb', '') == dense  # never the folder of a dense-gradient run
     r = json.loads((tmp_path / sb / 'result.json').read_text())
     assert r['status'] == 'ok' and r['sparse_backward'] is True and r['config']['sparse_backward'] is True and r['steps'] == 10
@@ -368,3 +368,50 @@ def test_sparse_backward_flag(env, tmp_path):
         assert code == 1 and '--sparse-backward' in err and 'needs --method so' in err
     code, _, err = quiet(argv_for(env, 'so', out=tmp_path, autocast='fp16') + ['--sparse-backward'])
     assert code == 1 and 'gradient scaler' in err
+
+
+# --- QuickGELU for OpenAI-format weights -------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def openai_files(env):
+    "A tiny CLIP with QuickGELU saved as OpenAI saves its weights (a TorchScript archive; a state dict with its extra entries), and plainly."
+    import open_clip
+    d = env['tmp'] / 'openai'; d.mkdir()
+    torch.manual_seed(1)
+    m = open_clip.CLIP(**json.loads(env['tiny'].read_text()), quick_gelu=True).eval()
+    torch.jit.save(torch.jit.script(m), d / 'ViT-tiny.pt')
+    torch.save({**m.state_dict(), 'input_resolution': torch.tensor(32), 'context_length': torch.tensor(16), 'vocab_size': torch.tensor(49408)},
+               d / 'openai_sd.pt')
+    torch.save(m.state_dict(), d / 'plain.pt')
+    return m, d
+
+
+@pytest.mark.parametrize('name, fmt, act', [('ViT-tiny.pt', 'openai-jit', 'QuickGELU'), ('openai_sd.pt', 'openai', 'QuickGELU'),
+                                            ('plain.pt', 'state-dict', 'GELU')])
+def test_openai_format_files_get_quickgelu(env, openai_files, name, fmt, act):
+    ref, d = openai_files
+    assert clip.checkpoint_format(d / name) == fmt
+    model, _ = clip.load_clip(env['tiny'], d / name)
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(): same = torch.allclose(model.encode_image(img), ref.encode_image(img), atol=1e-6)
+    assert clip.activation(model) == act and same == (act == 'QuickGELU')  # the same weights through GELU compute something else
+
+
+def test_named_backbone_with_an_openai_file_gets_quickgelu(openai_files):
+    _, d = openai_files
+    spec = clip.resolve_backbone('ViT-B-16', d / 'ViT-tiny.pt')  # decided from the file, without building ViT-B/16
+    assert spec['quick_gelu'] is True and spec['format'] == 'openai-jit'
+    assert clip.resolve_backbone('ViT-B-16', d / 'plain.pt')['quick_gelu'] is False
+
+
+def test_result_records_activation_and_weights_hash(env, openai_files, tmp_path):
+    import hashlib
+    _, d = openai_files
+    for name, act in (('ViT-tiny.pt', 'QuickGELU'), ('plain.pt', 'GELU')):
+        code, _, err = quiet(argv_for(env, 'zeroshot', out=tmp_path) + ['--pretrained', str(d / name)])
+        assert code == 0, err
+        (p,) = [p for p in tmp_path.rglob('result.json') if name.split('.')[0] in str(p)]
+        r = json.loads(p.read_text())
+        assert r['activation'] == act and r['pretrained_sha256'] == hashlib.sha256((d / name).read_bytes()).hexdigest()
+        assert r['backbone_sha256'] == hashlib.sha256(env['tiny'].read_bytes()).hexdigest()
+        assert r['identity']['pretrained'] == 'sha256:' + r['pretrained_sha256']

@@ -100,7 +100,7 @@ HELPERS = textwrap.dedent(r'''
     from torch import nn
     from so_tutorial.optim import SO
     from so_tutorial.sparse import SparseBackward, all_reduce_sparse_grads
-    from so_tutorial.sweep import init_distributed, dist_info, broadcast_object, check_in_sync
+    from so_tutorial.engine import init_distributed, dist_info, broadcast_object, check_in_sync
     init_distributed('cpu'); rank, world = dist_info()
     out = dict(rank=rank, world=world, seed=broadcast_object(1234 if rank == 0 else None))
     # the sparse values, averaged over the ranks, equal the averaged dense gradient at S
