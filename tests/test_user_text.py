@@ -17,11 +17,8 @@ BANNED = re.compile(r'\bSPEC\b|SPEC\.md|quirk Q|\.\./shared|\bQ[1-9]\b')  # 'Q2'
 # Files other helpers are rewriting on their branches for issue 12 (and two nobody was assigned): each is expected to
 # fail here until that work is merged. strict=True: once a file is clean its XPASS fails the suite; then remove it here.
 _OTHERS = 'being rewritten on another branch (issue 12)'
-_UNASSIGNED = 'cites internal notes; not in any helper\'s part of issue 12: still to fix'
-PENDING = {**dict.fromkeys(['so_tutorial/clip.py', 'so_tutorial/bert.py', 'so_tutorial/optim.py', 'nbs/00_adam.ipynb',
-                            'nbs/03_reference.ipynb', 'nbs/04_optim.ipynb', 'nbs/21_clip.ipynb', 'nbs/25_bert.ipynb'], _OTHERS),
-           **dict.fromkeys(['nbs/32_colab_bert.ipynb', 'results/bert/README.md'], _UNASSIGNED)}
-PENDING_HELP = dict.fromkeys(['clip', 'bert', 'sweep clip', 'sweep bert'], _OTHERS)  # texts from clip.py and bert.py
+PENDING = dict.fromkeys(['so_tutorial/optim.py', 'nbs/00_adam.ipynb', 'nbs/03_reference.ipynb', 'nbs/04_optim.ipynb'], _OTHERS)
+PENDING_HELP = {}
 
 
 def user_files():
