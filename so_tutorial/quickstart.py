@@ -200,7 +200,8 @@ def make_arm(arm, state, cfg:QuickstartConfig, lr, seed, track=False):
     if arm == 'SO':
         for n, p in model.named_parameters(): p.requires_grad_(_block_matrix(n, p) or _dense_extra(n, p))
         groups = sparse_dense_groups(model, dense=_dense_extra, density_ratio=cfg.density_ratio, T=cfg.T)
-        return model, SO(groups, lr=lr, generator=torch.Generator().manual_seed(seed), track=track)
+        from so_tutorial.viz import TrackedSO  # SO that also records its supports, for the figures
+        return model, (TrackedSO if track else SO)(groups, lr=lr, generator=torch.Generator().manual_seed(seed))
     if arm == 'LoRA':
         from peft import LoraConfig, get_peft_model
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=['qkv', 'proj', 'fc1', 'fc2'])

@@ -8,6 +8,7 @@ from torch import nn
 import so_tutorial.reference as reference_module
 from so_tutorial.optim import SO
 from so_tutorial.reference import SOReference
+from so_tutorial.viz import TrackedSO
 
 F64 = torch.float64
 SHAPES = [(12, 10), (30,), (2, 3, 4, 5)]
@@ -471,7 +472,7 @@ def test_support_invariants(sampler):
     torch.manual_seed(1)
     p = nn.Parameter(torch.randn(16, 16, dtype=F64))
     n, k = 256, int(256 * 0.1)
-    opt = SO([p], lr=1e-2, density_ratio=0.1, T=3, track=True, sampler=sampler)
+    opt = TrackedSO([p], lr=1e-2, density_ratio=0.1, T=3, sampler=sampler)
     assert opt.support(p) is None
     p_init = p.detach().clone()
     gen = torch.Generator().manual_seed(2)

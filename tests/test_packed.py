@@ -7,7 +7,7 @@ SHAPES = [(40, 30), (64,), (3, 4, 5, 6), (25, 25)]
 def run(batched, dtype, steps=40, missing=True, **kw):
     torch.manual_seed(0)
     ps = [torch.randn(s, dtype=dtype, requires_grad=True) for s in SHAPES]
-    opt = SO(ps, **kw); opt._batched = batched
+    opt = SO(ps if batched else [dict(params=[p]) for p in ps], **kw)  # one group per tensor: each stepped alone
     for t in range(steps):
         for i, p in enumerate(ps):
             # tensor i misses its gradient on some steps, so step counts diverge across tensors
@@ -31,7 +31,7 @@ def test_packed_equals_per_tensor(dtype, kw, missing):
 def test_packed_path_is_used_and_state_are_views():
     ps, opt = run(True, torch.float32, steps=3, missing=False, density_ratio=0.1)
     (pk,) = opt._packs.values()
-    assert all(opt.state[p]['exp_avg']._base is pk.bufs['exp_avg'] for p in ps)
+    assert all(opt.state[p]['exp_avg']._base is pk.m for p in ps)
 
 def test_packed_survives_state_dict_round_trip():
     a, oa = run(True, torch.float32, steps=10, missing=False, density_ratio=0.1, T=4)
