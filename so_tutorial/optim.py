@@ -39,7 +39,7 @@ def _validate_group(g, at_step=False):
     _check(isinstance(g['dense'], bool), 'dense', g['dense'], 'True or False')
     _check(not g.get('track'), 'track', g.get('track'), "False; so_tutorial.viz.TrackedSO records supports for figures")
 
-# %% ../nbs/04_optim.ipynb #c5612273
+# %% ../nbs/04_optim.ipynb #2847c21f
 class SO(Optimizer):
     "Sparse Optimization: Adam on a random gradient support S (redrawn every T steps) and a top-|m| moment support M."
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -60,8 +60,14 @@ class SO(Optimizer):
 
     def add_param_group(self, param_group):
         "Add a group, filling defaults and validating every hyperparameter (a rejected group is not added)."
-        super().add_param_group(param_group)
-        try: _validate_group(self.param_groups[-1])
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', UserWarning)  # torch only warns about repeated parameters: SO refuses them below
+            super().add_param_group(param_group)
+        try:
+            g = self.param_groups[-1]
+            _validate_group(g)
+            if len({id(p) for p in g['params']}) != len(g['params']):
+                raise ValueError("a parameter appears twice in a param group: SO would update it twice; list each parameter once")
         except ValueError: self.param_groups.pop(); raise
         self._supports = None
 

@@ -190,3 +190,45 @@ def test_fast_sampler_with_global_generator_is_seeded_by_manual_seed():
         return p
     assert torch.equal(run(0), run(0))
     assert not torch.equal(run(0), run(100))
+
+
+# ---------------------------------------------------------------- randperm_prefix: the paper's draw without the permutation
+
+from so_tutorial import parity
+from so_tutorial.parity import randperm_prefix
+
+
+@pytest.mark.parametrize('n', [1, 2, 3, 7, 623, 624, 625, 1000, 4096, 100_003])
+def test_randperm_prefix_equals_randperm(n):
+    "Same indices as torch.randperm(n)[:k] and the generator left in the same state, from any generator position."
+    rng = torch.Generator().manual_seed(n)
+    for k in sorted({0, 1, n // 2, n - 1, n, int(torch.randint(0, n + 1, (1,), generator=rng))}):
+        if not 0 <= k <= n: continue
+        skip = int(torch.randint(0, 700, (1,), generator=rng))
+        a, b = torch.Generator().manual_seed(k), torch.Generator().manual_seed(k)
+        torch.empty(skip, dtype=torch.uint8).random_(generator=a); torch.empty(skip, dtype=torch.uint8).random_(generator=b)
+        want = torch.randperm(n, generator=a)[:k]
+        got = randperm_prefix(n, k, generator=b)
+        assert got.dtype == torch.int64 and torch.equal(got, want), (n, k)
+        assert torch.equal(a.get_state(), b.get_state()), (n, k)
+
+
+def test_randperm_prefix_global_generator():
+    torch.manual_seed(9); want = torch.randperm(5000)[:40]; state = torch.get_rng_state()
+    torch.manual_seed(9); got = randperm_prefix(5000, 40)
+    assert torch.equal(got, want) and torch.equal(torch.get_rng_state(), state)
+
+
+def test_randperm_prefix_falls_back_to_randperm(monkeypatch):
+    "If this torch build shuffled differently, every draw goes through torch.randperm (same result, just slower)."
+    monkeypatch.setitem(parity._CHECKED, 'ok', False)
+    calls = []
+    real = torch.randperm
+    monkeypatch.setattr(torch, 'randperm', lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(randperm_prefix(300, 7, generator=g1), real(300, generator=g2)[:7]) and calls
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_emulation_self_check_passes_on_this_build():
+    assert parity._emulation_matches()

@@ -154,3 +154,12 @@ def test_zero_grad_discards_pending_sparse_values():
     w0 = lin.weight.detach().clone()
     opt.zero_grad(); opt.step()
     assert not opt.sparse_grads and torch.equal(lin.weight, w0)
+
+
+def test_modules_use_only_sos_public_methods():
+    "Outside so_tutorial/optim.py no module reads or writes SO's private state (opt._...)."
+    import re, pathlib, so_tutorial
+    root = pathlib.Path(so_tutorial.__file__).parent
+    offenders = {f.name: hits for f in root.glob('*.py') if f.name not in ('optim.py', '_modidx.py')
+                 for hits in [re.findall(r'\bopt\._\w+|\._sparse_grads\b|\._prepared\b|prepare_supports', f.read_text())] if hits}
+    assert not offenders, offenders
