@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['Candidates', 'SO']
 
-# %% ../nbs/04_optim.ipynb #25a824fe
+# %% ../nbs/04_optim.ipynb #dad4c98a
 import math, warnings, itertools, types, torch
 from collections import namedtuple, OrderedDict
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from fastcore.basics import patch
 from .sampling import fast_support
-from .parity import randperm_prefix
+from .parity import randperm_prefix, randperm_prefixes
 
 # %% ../nbs/04_optim.ipynb #979e59d3
 _SAMPLERS = {'randperm': randperm_prefix, 'fast': fast_support}
@@ -115,33 +115,85 @@ def _add_at(t, idx, values):
     flat, layout = _flat(t)
     flat.scatter_add_(0, _at(layout, idx), values if values.dtype == flat.dtype else values.to(flat.dtype))
 
-# %% ../nbs/04_optim.ipynb #5a5ac76b
+# %% ../nbs/04_optim.ipynb #19d28aff
+def _sorted_each(xs, ns):
+    "Each tensor of `xs` (integers in [0, n) for its n in `ns`) sorted, with one sort for all."
+    if len(xs) < 2: return [x.sort().values for x in xs]
+    sizes = [x.numel() for x in xs]
+    offs = torch.tensor([0] + list(itertools.accumulate(ns))[:-1], device=xs[0].device)
+    off = offs.repeat_interleave(torch.tensor(sizes, device=offs.device))
+    return list(((torch.cat(xs) + off).sort().values - off).split(sizes))
+
+def _fast_supports(ns, ks, generator=None):
+    "`[fast_support(n, k, generator=generator) for n, k in zip(ns, ks)]`, sorted, drawn in that order on the CPU."
+    gen = generator if generator is not None else torch.default_generator
+    out, draws, states = [None] * len(ns), [], []
+    for i, (n, k) in enumerate(zip(ns, ks)):
+        states.append(gen.get_state())
+        if 4 * k > n: out[i] = fast_support(n, k, generator=generator).sort().values  # its randperm case, in its place
+        else: draws.append((i, torch.randint(n, (math.ceil(-n * math.log1p(-k / n) * 1.1) + 32,), generator=generator)))
+    if draws:
+        idx = [i for i, _ in draws]
+        lens, kk = torch.tensor([len(d) for _, d in draws]), torch.tensor([ks[i] for i in idx])
+        offs = torch.tensor([0] + list(itertools.accumulate(ns[i] for i in idx))[:-1])
+        seg = torch.arange(len(idx)).repeat_interleave(lens)
+        keys = torch.cat([d for _, d in draws]) + offs[seg]
+        if sum(ns[i] for i in idx) < 2**31: keys = keys.int()  # 32-bit keys sort faster
+        order = keys.argsort(stable=True)
+        sk = keys[order]
+        new = torch.ones_like(sk, dtype=torch.bool); new[1:] = sk[1:] != sk[:-1]
+        first = torch.empty_like(new).scatter_(0, order, new)  # first appearance of each value, in draw order
+        cs = first.cumsum(0)
+        ends = lens.cumsum(0) - 1
+        before = torch.cat([cs.new_zeros(1), cs[ends[:-1]]])
+        take = first & (cs - before[seg] <= kk[seg])
+        picked = sk[take[order]]  # in key order: each tensor's picks sorted, the tensors in order
+        short = ((cs[ends] - before) < kk).nonzero()
+        if short.numel():  # rare: too few distinct values; redo from that tensor on, one at a time, as fast_support does
+            j = int(short[0])
+            gen.set_state(states[idx[j]])
+            for i in range(idx[j], len(ns)): out[i] = fast_support(ns[i], ks[i], generator=generator).sort().values
+            idx, kk, offs, picked = idx[:j], kk[:j], offs[:j], picked[:int(kk[:j].sum())]
+        picked = picked.long() - offs.repeat_interleave(kk)
+        for i, S in zip(idx, picked.split(kk.tolist())): out[i] = S
+    return out
+
+def _draw_many(ns, ks, sampler, device, generator=None):
+    "Sorted supports (k distinct flat indices out of n) for several tensors, drawn in order as one draw each would."
+    dev = generator.device if generator is not None else torch.device(device)
+    if sampler == 'fast' and dev.type == 'cpu': return [x.to(device) for x in _fast_supports(ns, ks, generator)]
+    if sampler == 'randperm': out = randperm_prefixes(ns, ks, device=device, generator=generator)
+    else: out = [fast_support(n, k, device=device, generator=generator) for n, k in zip(ns, ks)]
+    return _sorted_each([x.to(device) for x in out], ns)
+
+# %% ../nbs/04_optim.ipynb #d74a0395
 @patch
-def _draw(self:SO, n, k, group, device):
-    "A fresh sorted gradient support: k distinct flat indices out of n."
-    return _SAMPLERS[group['sampler']](n, k, device=device, generator=self._generator).sort().values
+def _draw_due(self:SO, group, params):
+    "Draw the supports due for the coming step of `params` (tensors of one group, in order), all at once."
+    due = []
+    for p in params:
+        k, t = _k(p, group), self._clock.get(p, 0) + 1
+        if (t - 1) % group['T'] or self._drawn.get(p) == t: continue
+        self._drawn[p] = t
+        if k or group['sampler'] == 'randperm': due.append((p, k))  # the paper's code draws randperm(n)[:0] too
+    for dev, run in itertools.groupby(due, key=lambda pk: pk[0].device):  # tensors on one device draw together
+        run = list(run)
+        Ss = _draw_many([_real(p).numel() for p, _ in run], [k for _, k in run], group['sampler'], dev, self._generator)
+        for (p, k), S in zip(run, Ss):
+            if k: self._install_support(p, k, S)
 
 @patch
-def _draw_if_due(self:SO, p, group, k):
-    "Draw the support of `p` for its coming step if that step starts a period of T steps (once per step)."
-    t = self._clock.get(p, 0) + 1
-    if (t - 1) % group['T'] or self._drawn.get(p) == t: return
-    self._drawn[p] = t
-    n = _real(p).numel()
-    if k == 0:  # never updated, but the paper's code draws randperm(n)[:0] for it too
-        if group['sampler'] == 'randperm': randperm_prefix(n, 0, device=p.device, generator=self._generator)
-        return
+def _install_support(self:SO, p, k, S):
+    "Make `S` the gradient support of `p`; on its first step also its moment support, with zero moments."
     st = self.state[p]
-    if not st:
+    if 'grad_support' not in st:
         dt = _moment_dtype(p)
         st.update(step=torch.tensor(0, dtype=torch.int64), exp_avg=torch.zeros(k, dtype=dt, device=p.device),
-                  exp_avg_sq=torch.zeros(k, dtype=dt, device=p.device))
-    S = self._draw(n, k, group, p.device)
-    if 'grad_support' not in st: st['grad_support'], st['moment_support'] = S, S.clone()  # M := S on the first step
-    else:
-        st['grad_support'].copy_(S)
-        pk = self._pack_of.get(p)
-        if pk is not None: pk.cand = None  # S changed: the candidates need a fresh merge
+                  exp_avg_sq=torch.zeros(k, dtype=dt, device=p.device), grad_support=S, moment_support=S.clone())
+        return
+    st['grad_support'].copy_(S)
+    pk = self._pack_of.get(p)
+    if pk is not None: pk.cand = None  # S changed: the candidates need a fresh merge
 
 @patch
 def _warn_k0(self:SO, p, group):
@@ -152,7 +204,7 @@ def _warn_k0(self:SO, p, group):
                       "group with 'dense': True or a larger density_ratio to train them.")
         self._warned_k0 = True
 
-# %% ../nbs/04_optim.ipynb #c14dd0d6
+# %% ../nbs/04_optim.ipynb #5359fa8d
 class _Pack:
     "The sparse tensors of one group (one device and moment dtype) in one index space, their state in shared buffers."
     def __init__(self, opt, params):
@@ -179,6 +231,7 @@ class _Pack:
         for i, (st, a, k) in enumerate(zip(sts, itertools.accumulate([0] + self.ks[:-1]), self.ks)):
             st.update(moment_support=self.M[a:a + k], grad_support=self.S[a:a + k], exp_avg=self.m[a:a + k],
                       exp_avg_sq=self.v[a:a + k], step=self.steps[i])
+        self.S_views = list(self.S.split(self.ks))  # each tensor's support, in pack order
         self.cand = None  # the candidate slots of the current refresh period
 
     def holds(self, opt, params):
@@ -221,14 +274,15 @@ def candidates(self:_Pack):
         self.cand = _Slots(_merge(M, S), self)
     return self.cand
 
-# %% ../nbs/04_optim.ipynb #441ca7e0
+# %% ../nbs/04_optim.ipynb #ce930382
 @patch
 def _grad_at_support(self:SO, pk, wd):
     "The gradient (plus L2 weight decay) of every tensor of `pk` at its support, followed by a 0."
-    S = [self.state[p]['grad_support'] for p in pk.params]
-    given = self._sparse_grads
-    pk.g[:pk.K].copy_(torch.cat([given[p] if p in given else _gather(p.grad, s) for p, s in zip(pk.params, S)]))
-    if wd: pk.g[:pk.K].add_(torch.cat([_gather(p, s) for p, s in zip(pk.params, S)]).to(pk.g.dtype) * wd)
+    S, given, g = pk.S_views, self._sparse_grads, pk.g[:pk.K]
+    parts = [given[p] if p in given else _gather(p.grad, s) for p, s in zip(pk.params, S)]
+    if all(x.dtype == g.dtype for x in parts): torch.cat(parts, out=g)
+    else: g.copy_(torch.cat(parts))
+    if wd: g.add_(torch.cat([_gather(p, s) for p, s in zip(pk.params, S)]).to(g.dtype) * wd)
     return pk.g
 
 @patch
@@ -262,7 +316,7 @@ def skipped_updates(self:SO):
     "How many tensor updates SO skipped because their gradient was not finite (on a GPU this waits for the device)."
     return sum(int(x) for x in self._skips.values())
 
-# %% ../nbs/04_optim.ipynb #8d94c006
+# %% ../nbs/04_optim.ipynb #8953ed1a
 @patch
 def _update(self:SO, pk, group):
     "Moments and weight update on every candidate slot of the pack; returns what the prune needs."
@@ -279,7 +333,10 @@ def _update(self:SO, pk, group):
     v = c.v * b2 + (g * g) * (1 - b2)
     ok_slot = ok.index_select(0, pk.tensor_of_slot)
     live = (c.in_M | c.in_S) & ok_slot
-    delta = torch.where(live, (m / ((v / bc2).sqrt() + eps)) * step, 0.0)  # not alive or skipped: exactly 0, even at eps = 0
+    live_f = live.to(m.dtype)
+    denom = (v / bc2).sqrt() + eps
+    if eps == 0: denom = denom + (1 - live_f)  # a slot that is not alive has m = v = 0: avoid 0 / 0
+    delta = (m / denom) * (step * live_f)  # not alive or skipped: exactly 0 (every value here is finite)
     for p, i, d in zip(pk.params, c.local.split(pk.widths), delta.split(pk.widths)): _add_at(p, i, d)
     return c, m, v, live, ok_slot
 
@@ -372,7 +429,7 @@ def _packs_of(self:SO, i, params):
         out.append(pk)
     return out
 
-# %% ../nbs/04_optim.ipynb #217af1c1
+# %% ../nbs/04_optim.ipynb #733e899c
 @patch
 @torch.no_grad()
 def step(self:SO, closure=None):
@@ -390,12 +447,11 @@ def step(self:SO, closure=None):
         if group['dense']:
             for p in ps: self._dense_step(p, group)
             continue
+        self._draw_due(group, ps)
         todo = []
         for p in ps:
-            k = _k(p, group)
-            self._draw_if_due(p, group, k)
             self._clock[p] = self._clock.get(p, 0) + 1
-            if k: todo.append(p)
+            if _k(p, group): todo.append(p)
             else: self._warn_k0(p, group)
         for pk in self._packs_of(i, todo): self._prune(pk, *self._update(pk, group))
         for p in ps: p.grad = None
@@ -403,7 +459,7 @@ def step(self:SO, closure=None):
     self._supports = None
     return loss
 
-# %% ../nbs/04_optim.ipynb #29fc1fb4
+# %% ../nbs/04_optim.ipynb #93a1f4a7
 @patch
 def draw_supports(self:SO):
     "Draw now (where due) the supports of the coming step; returns {param: S}, the sorted flat indices SO will read."
@@ -412,11 +468,9 @@ def draw_supports(self:SO):
         for i, group in enumerate(self.param_groups):
             self._check_group(i, group)
             if group['dense']: continue
-            for p in group['params']:
-                if not p.requires_grad: continue
-                k = _k(p, group)
-                self._draw_if_due(p, group, k)
-                if k: sup[p] = self.state[p]['grad_support']
+            ps = [p for p in group['params'] if p.requires_grad]
+            self._draw_due(group, ps)
+            sup.update((p, self.state[p]['grad_support']) for p in ps if _k(p, group))
         self._supports = types.MappingProxyType(sup)
     return self._supports
 
@@ -560,3 +614,18 @@ def __setstate__(self:SO, d):
     self._clock = {p: t for p, t in zip(params, so.get('clock', [])) if t is not None}
     self._drawn = {p: t for p, t in zip(params, so.get('drawn', [])) if t is not None}
     self._packs, self._pack_of, self._sparse_grads, self._supports, self._prune_hooks, self._skips = {}, {}, {}, None, OrderedDict(), {}
+
+# %% ../nbs/04_optim.ipynb #c3ee8c7d
+@patch
+def buffer_bytes(self:SO):
+    "Bytes of the working buffers SO keeps between steps besides `state` (candidate slots and index maps)."
+    seen, total = set(), 0
+    for pk in self._packs.values():
+        own = {pk.M.untyped_storage().data_ptr(), pk.S.untyped_storage().data_ptr(), pk.m.untyped_storage().data_ptr(),
+               pk.v.untyped_storage().data_ptr(), pk.steps.untyped_storage().data_ptr()}  # the state itself
+        ts = [pk.g, pk.tensor_of_S, pk.tensor_of_slot, pk.off_S, pk.off_slot, pk.slot_ids]
+        if pk.cand is not None: ts += [pk.cand.idx, pk.cand.local, pk.cand.g_src, pk.cand.in_S, pk.cand.in_M, pk.cand.m, pk.cand.v]
+        for t in ts:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen and ptr not in own: seen.add(ptr); total += t.untyped_storage().nbytes()
+    return total

@@ -232,3 +232,37 @@ def test_randperm_prefix_falls_back_to_randperm(monkeypatch):
 
 def test_emulation_self_check_passes_on_this_build():
     assert parity._emulation_matches()
+
+
+# ---------------------------------------------------------------- a group's supports drawn together
+
+@pytest.mark.parametrize('sampler', ['fast', 'randperm'])
+def test_group_draws_equal_one_by_one(sampler):
+    from so_tutorial.optim import _draw_many
+    ns, ks = [50_000, 300, 90, 12_000, 7, 1000], [25, 80, 30, 6, 7, 0 if sampler == 'randperm' else 3]
+    a, b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    together = _draw_many(ns, ks, sampler, 'cpu', a)
+    one = fast_support if sampler == 'fast' else randperm_support
+    for S, n, k in zip(together, ns, ks): assert torch.equal(S, one(n, k, generator=b).sort().values), (n, k)
+    assert torch.equal(a.get_state(), b.get_state())
+
+
+def test_group_fast_draws_when_one_tensor_runs_short(monkeypatch):
+    "If a tensor's draws hold fewer than k distinct values, fast_support draws more at once: the group draw redoes that."
+    from so_tutorial.optim import _fast_supports
+    real, trap, patched = torch.randint, {}, []
+    def randint(n, size, generator=None, **kw):
+        before = generator.get_state()
+        out = real(n, size, generator=generator, **kw)
+        if n == 5000:
+            trap.setdefault('state', before)
+            if torch.equal(before, trap['state']): out[3:] = out[0]; patched.append(1)  # only 4 distinct values
+        return out
+    monkeypatch.setattr(torch, 'randint', randint)
+    ns, ks = [9000, 5000, 30, 20_000], [40, 12, 20, 8]  # the third tensor takes the randperm path (4k > n)
+    a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    together = _fast_supports(ns, ks, a)
+    one_by_one = [fast_support(n, k, generator=b).sort().values for n, k in zip(ns, ks)]
+    assert len(patched) == 3  # the group draw, its redo, the one-by-one draw
+    for x, y in zip(together, one_by_one): assert torch.equal(x, y)
+    assert torch.equal(a.get_state(), b.get_state())
