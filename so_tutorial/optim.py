@@ -204,7 +204,7 @@ def _warn_k0(self:SO, p, group):
                       "group with 'dense': True or a larger density_ratio to train them.")
         self._warned_k0 = True
 
-# %% ../nbs/04_optim.ipynb #5359fa8d
+# %% ../nbs/04_optim.ipynb #4d7c393b
 class _Pack:
     "The sparse tensors of one group (one device and moment dtype) in one index space, their state in shared buffers."
     def __init__(self, opt, params):
@@ -217,8 +217,9 @@ class _Pack:
         self.key_dtype = torch.int32 if sum(self.ns) < 2**31 else torch.int64  # 32-bit keys sort faster
         kt, ids = torch.tensor(self.ks, device=dev), torch.arange(len(self.ks), device=dev)
         offsets = torch.tensor([0] + list(itertools.accumulate(self.ns))[:-1], device=dev)
-        self.tensor_of_S, self.tensor_of_slot = ids.repeat_interleave(kt), ids.repeat_interleave(2 * kt)
-        self.off_S, self.off_slot = offsets[self.tensor_of_S].to(self.key_dtype), offsets[self.tensor_of_slot]
+        self.offsets, self.ks_t, self.widths_t = offsets, kt, 2 * kt
+        self.tensor_of_S = ids.repeat_interleave(kt)
+        self.off_S = offsets[self.tensor_of_S].to(self.key_dtype)
         self.widths, self.blocks, a = [2 * k for k in self.ks], [], 0  # blocks: (first slot, end, k) of equal-k tensors
         for k, same in itertools.groupby(self.ks):
             b = a + 2 * k * len(list(same)); self.blocks.append((a, b, k)); a = b
@@ -233,6 +234,10 @@ class _Pack:
                       exp_avg_sq=self.v[a:a + k], step=self.steps[i])
         self.S_views = list(self.S.split(self.ks))  # each tensor's support, in pack order
         self.cand = None  # the candidate slots of the current refresh period
+
+    def per_slot(self, x):
+        "One value per tensor, repeated on each of its 2k slots."
+        return x.repeat_interleave(self.widths_t, output_size=2 * self.K)
 
     def holds(self, opt, params):
         "Is this the pack of exactly `params`, with their state still in its buffers?"
@@ -257,12 +262,13 @@ def _merge(M, S):
     g_src = torch.where(from_M, torch.where(twin, after - K, K), torch.where(dead, K, order - K))
     return Candidates(idx, m_src, g_src, ~dead)
 
-# %% ../nbs/04_optim.ipynb #1d2c25cf
+# %% ../nbs/04_optim.ipynb #3aae152f
 class _Slots:
     "The 2k candidate slots of a pack for one refresh period, in key order."
     def __init__(self, c, pk):
         K = pk.K
-        self.idx, self.local, self.g_src = c.idx, c.idx - pk.off_slot, c.g_src
+        self.local = c.idx - pk.per_slot(pk.offsets)  # flat index in its tensor
+        self.g_src = c.g_src
         self.in_S, self.in_M = c.g_src < K, c.m_src < K
         self.m, self.v = pk.m.index_select(0, c.m_src), pk.v.index_select(0, c.m_src)
 
@@ -274,7 +280,7 @@ def candidates(self:_Pack):
         self.cand = _Slots(_merge(M, S), self)
     return self.cand
 
-# %% ../nbs/04_optim.ipynb #ce930382
+# %% ../nbs/04_optim.ipynb #1517c24b
 @patch
 def _grad_at_support(self:SO, pk, wd):
     "The gradient (plus L2 weight decay) of every tensor of `pk` at its support, followed by a 0."
@@ -291,7 +297,7 @@ def _bias_corrections(self:SO, pk, group):
     (b1, b2), lr, dt = group['betas'], _lr(group), pk.g.dtype
     ts = [self._clock[p] for p in pk.params]
     if len(set(ts)) == 1: return 1 - b2 ** ts[0], -(lr / (1 - b1 ** ts[0]))
-    per = lambda xs: torch.tensor(xs, dtype=dt, device=pk.g.device).index_select(0, pk.tensor_of_slot)
+    per = lambda xs: pk.per_slot(torch.tensor(xs, dtype=dt, device=pk.g.device))
     bc1 = [1 - b1 ** t for t in ts]
     step = -(lr.to(dt) / per(bc1)) if torch.is_tensor(lr) else per([-(lr / b) for b in bc1])
     return per([1 - b2 ** t for t in ts]), step
@@ -316,7 +322,7 @@ def skipped_updates(self:SO):
     "How many tensor updates SO skipped because their gradient was not finite (on a GPU this waits for the device)."
     return sum(int(x) for x in self._skips.values())
 
-# %% ../nbs/04_optim.ipynb #8953ed1a
+# %% ../nbs/04_optim.ipynb #be9541c0
 @patch
 def _update(self:SO, pk, group):
     "Moments and weight update on every candidate slot of the pack; returns what the prune needs."
@@ -331,7 +337,7 @@ def _update(self:SO, pk, group):
     g = gS.index_select(0, c.g_src)
     m = c.m * b1 + g * (1 - b1)
     v = c.v * b2 + (g * g) * (1 - b2)
-    ok_slot = ok.index_select(0, pk.tensor_of_slot)
+    ok_slot = pk.per_slot(ok)
     live = (c.in_M | c.in_S) & ok_slot
     live_f = live.to(m.dtype)
     denom = (v / bc2).sqrt() + eps
@@ -354,7 +360,7 @@ def _kept_slots(keep, K, slot_ids):
     dest = torch.where(keep, torch.cumsum(keep, 0) - 1, K)
     return slot_ids.new_zeros(K + 1).scatter_(0, dest, slot_ids)[:K]
 
-# %% ../nbs/04_optim.ipynb #47882df9
+# %% ../nbs/04_optim.ipynb #eb20cbe1
 @patch
 def _prune(self:SO, pk, c, m, v, live, ok_slot):
     "Keep the k largest |m| of each tensor as its new M, in the slots and in the compact state."
@@ -366,7 +372,7 @@ def _prune(self:SO, pk, c, m, v, live, ok_slot):
     new, old = (keep & ok_slot).to(m.dtype), (keep & ~ok_slot).to(m.dtype)
     c.m, c.v, c.in_M = m * new + c.m * old, v * new + c.v * old, keep
     src = _kept_slots(keep, K, pk.slot_ids)
-    pk.M.copy_(c.idx.index_select(0, src) - pk.off_S)
+    pk.M.copy_(c.local.index_select(0, src))
     pk.m[:K].copy_(c.m.index_select(0, src)); pk.v[:K].copy_(c.v.index_select(0, src))
 
 @patch
@@ -615,7 +621,7 @@ def __setstate__(self:SO, d):
     self._drawn = {p: t for p, t in zip(params, so.get('drawn', [])) if t is not None}
     self._packs, self._pack_of, self._sparse_grads, self._supports, self._prune_hooks, self._skips = {}, {}, {}, None, OrderedDict(), {}
 
-# %% ../nbs/04_optim.ipynb #c3ee8c7d
+# %% ../nbs/04_optim.ipynb #308da075
 @patch
 def buffer_bytes(self:SO):
     "Bytes of the working buffers SO keeps between steps besides `state` (candidate slots and index maps)."
@@ -623,8 +629,8 @@ def buffer_bytes(self:SO):
     for pk in self._packs.values():
         own = {pk.M.untyped_storage().data_ptr(), pk.S.untyped_storage().data_ptr(), pk.m.untyped_storage().data_ptr(),
                pk.v.untyped_storage().data_ptr(), pk.steps.untyped_storage().data_ptr()}  # the state itself
-        ts = [pk.g, pk.tensor_of_S, pk.tensor_of_slot, pk.off_S, pk.off_slot, pk.slot_ids]
-        if pk.cand is not None: ts += [pk.cand.idx, pk.cand.local, pk.cand.g_src, pk.cand.in_S, pk.cand.in_M, pk.cand.m, pk.cand.v]
+        ts = [pk.g, pk.tensor_of_S, pk.off_S, pk.offsets, pk.ks_t, pk.slot_ids]
+        if pk.cand is not None: ts += [pk.cand.local, pk.cand.g_src, pk.cand.in_S, pk.cand.in_M, pk.cand.m, pk.cand.v]
         for t in ts:
             ptr = t.untyped_storage().data_ptr()
             if ptr not in seen and ptr not in own: seen.add(ptr); total += t.untyped_storage().nbytes()

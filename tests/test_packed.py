@@ -60,7 +60,7 @@ def test_slots_kept_between_refreshes_equal_a_fresh_merge(sampler):
         c = pk.candidates()
         fresh = _Slots(_merge(pk.M.to(pk.key_dtype) + pk.off_S, pk.S.to(pk.key_dtype) + pk.off_S), pk)
         alive, alive_fresh = c.in_M | c.in_S, fresh.in_M | fresh.in_S
-        for key in ('idx', 'm', 'v', 'g_src'): assert torch.equal(getattr(c, key)[alive], getattr(fresh, key)[alive_fresh]), key
+        for key in ('local', 'm', 'v', 'g_src'): assert torch.equal(getattr(c, key)[alive], getattr(fresh, key)[alive_fresh]), key
         assert int(c.in_M.sum()) == pk.K
         if t % 4: assert c is prev  # no merge between draws (steps 1, 5, 9, ... draw)
         else: assert c is not prev
