@@ -166,7 +166,7 @@ def _draw_many(ns, ks, sampler, device, generator=None):
     else: out = [fast_support(n, k, device=device, generator=generator) for n, k in zip(ns, ks)]
     return _sorted_each([x.to(device) for x in out], ns)
 
-# %% ../nbs/04_optim.ipynb #d74a0395
+# %% ../nbs/04_optim.ipynb #2d3d68f1
 @patch
 def _draw_due(self:SO, group, params):
     "Draw the supports due for the coming step of `params` (tensors of one group, in order), all at once."
@@ -181,6 +181,8 @@ def _draw_due(self:SO, group, params):
         Ss = _draw_many([_real(p).numel() for p, _ in run], [k for _, k in run], group['sampler'], dev, self._generator)
         for (p, k), S in zip(run, Ss):
             if k: self._install_support(p, k, S)
+
+SO._draw_due = torch.compiler.disable(SO._draw_due)  # drawing runs eagerly (numpy and the generator), also in a compiled step
 
 @patch
 def _install_support(self:SO, p, k, S):

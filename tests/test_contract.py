@@ -337,6 +337,32 @@ def test_compiled_training_step_has_no_graph_break_in_so():
     assert not in_so, [r.reason for r in in_so]
 
 
+@pytest.mark.parametrize('sampler', ['randperm', 'fast'])
+def test_compiled_training_step_matches_eager(sampler):
+    """A compiled training step (refresh steps included: the draws run eagerly) gives the eager parameters.
+    Deviation: SO's step counts are Python numbers, so dynamo specialises the step on them and compiles it again for
+    each step count; past torch's recompile limit that frame runs eagerly. The result is the same either way."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    a, b = nn.Linear(16, 16), nn.Linear(16, 16)
+    b.load_state_dict(a.state_dict())
+    oa, ob = (SO(m.parameters(), lr=1e-2, density_ratio=0.1, T=3, sampler=sampler, generator=torch.Generator().manual_seed(1))
+              for m in (a, b))
+
+    def train(m, o, x):
+        o.zero_grad(); m(x).square().sum().backward(); o.step()
+
+    compiled = torch.compile(train, backend='eager')
+    for _ in range(8):
+        x = torch.randn(4, 16)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            compiled(a, oa, x)
+        train(b, ob, x)
+    for p, q in zip(a.parameters(), b.parameters()): assert torch.equal(p, q)
+
+
 # ---------------------------------------------------------------- documented deviations from torch's Adam
 
 def test_deviation_grad_is_freed_in_sparse_groups_also_for_k0():
