@@ -86,7 +86,7 @@ def _lr(group):
     lr = group['lr']
     return lr.reshape(()) if torch.is_tensor(lr) else lr
 
-# %% ../nbs/04_optim.ipynb #ef6d6cef
+# %% ../nbs/04_optim.ipynb #5dac163f
 def _flat(t):
     "A 1-D view of the memory of `t` (its real view if complex) and, unless contiguous, the layout that maps flat indices into it."
     x = _real(t)
@@ -105,6 +105,7 @@ def _at(layout, idx):
     for n, st in zip(reversed(shape), reversed(strides)): pos, rest = pos + (rest % n) * st, rest // n
     return pos
 
+# %% ../nbs/04_optim.ipynb #f39b400b
 def _gather(t, idx):
     "Entries of `t` at the flat indices `idx`."
     flat, layout = _flat(t)
@@ -115,7 +116,7 @@ def _add_at(t, idx, values):
     flat, layout = _flat(t)
     flat.scatter_add_(0, _at(layout, idx), values if values.dtype == flat.dtype else values.to(flat.dtype))
 
-# %% ../nbs/04_optim.ipynb #19d28aff
+# %% ../nbs/04_optim.ipynb #e83efaec
 def _sorted_each(xs, ns):
     "Each tensor of `xs` (integers in [0, n) for its n in `ns`) sorted, with one sort for all."
     if len(xs) < 2: return [x.sort().values for x in xs]
@@ -124,6 +125,7 @@ def _sorted_each(xs, ns):
     off = offs.repeat_interleave(torch.tensor(sizes, device=offs.device))
     return list(((torch.cat(xs) + off).sort().values - off).split(sizes))
 
+# %% ../nbs/04_optim.ipynb #3e4bbb44
 def _fast_supports(ns, ks, generator=None):
     "`[fast_support(n, k, generator=generator) for n, k in zip(ns, ks)]`, sorted, drawn in that order on the CPU."
     gen = generator if generator is not None else torch.default_generator
@@ -158,6 +160,7 @@ def _fast_supports(ns, ks, generator=None):
         for i, S in zip(idx, picked.split(kk.tolist())): out[i] = S
     return out
 
+# %% ../nbs/04_optim.ipynb #b7460fe1
 def _draw_many(ns, ks, sampler, device, generator=None):
     "Sorted supports (k distinct flat indices out of n) for several tensors, drawn in order as one draw each would."
     dev = generator.device if generator is not None else torch.device(device)
@@ -166,7 +169,7 @@ def _draw_many(ns, ks, sampler, device, generator=None):
     else: out = [fast_support(n, k, device=device, generator=generator) for n, k in zip(ns, ks)]
     return _sorted_each([x.to(device) for x in out], ns)
 
-# %% ../nbs/04_optim.ipynb #2d3d68f1
+# %% ../nbs/04_optim.ipynb #814a6ac1
 @patch
 def _draw_due(self:SO, group, params):
     "Draw the supports due for the coming step of `params` (tensors of one group, in order), all at once."
@@ -184,6 +187,7 @@ def _draw_due(self:SO, group, params):
 
 SO._draw_due = torch.compiler.disable(SO._draw_due)  # drawing runs eagerly (numpy and the generator), also in a compiled step
 
+# %% ../nbs/04_optim.ipynb #f13cdf4f
 @patch
 def _install_support(self:SO, p, k, S):
     "Make `S` the gradient support of `p`; on its first step also its moment support, with zero moments."
@@ -197,6 +201,7 @@ def _install_support(self:SO, p, k, S):
     pk = self._pack_of.get(p)
     if pk is not None: pk.cand = None  # S changed: the candidates need a fresh merge
 
+# %% ../nbs/04_optim.ipynb #f65c3a92
 @patch
 def _warn_k0(self:SO, p, group):
     "Warn once per optimizer that tensors with k = 0 are left unchanged."
@@ -206,7 +211,7 @@ def _warn_k0(self:SO, p, group):
                       "group with 'dense': True or a larger density_ratio to train them.")
         self._warned_k0 = True
 
-# %% ../nbs/04_optim.ipynb #4d7c393b
+# %% ../nbs/04_optim.ipynb #d323de51
 class _Pack:
     "The sparse tensors of one group (one device and moment dtype) in one index space, their state in shared buffers."
     def __init__(self, opt, params):
@@ -226,15 +231,7 @@ class _Pack:
         for k, same in itertools.groupby(self.ks):
             b = a + 2 * k * len(list(same)); self.blocks.append((a, b, k)); a = b
         self.slot_ids = torch.arange(2 * K, device=dev)
-        sts = [opt.state[p] for p in self.params]
-        zero = torch.zeros(1, dtype=sts[0]['exp_avg'].dtype, device=dev)
-        self.M, self.S = torch.cat([st['moment_support'] for st in sts]), torch.cat([st['grad_support'] for st in sts])
-        self.m, self.v = (torch.cat([*(st[key] for st in sts), zero]) for key in ('exp_avg', 'exp_avg_sq'))
-        self.steps, self.g = torch.stack([st['step'] for st in sts]), zero.new_zeros(K + 1)  # g: the gradient at S, and a 0
-        for i, (st, a, k) in enumerate(zip(sts, itertools.accumulate([0] + self.ks[:-1]), self.ks)):
-            st.update(moment_support=self.M[a:a + k], grad_support=self.S[a:a + k], exp_avg=self.m[a:a + k],
-                      exp_avg_sq=self.v[a:a + k], step=self.steps[i])
-        self.S_views = list(self.S.split(self.ks))  # each tensor's support, in pack order
+        self._adopt(opt)
         self.cand = None  # the candidate slots of the current refresh period
 
     def per_slot(self, x):
@@ -245,6 +242,21 @@ class _Pack:
         "Is this the pack of exactly `params`, with their state still in its buffers?"
         if len(params) != len(self.source) or any(p is not q for p, q in zip(params, self.source)): return False
         return all(opt.state[p]['exp_avg']._base is self.m for p in params)
+
+# %% ../nbs/04_optim.ipynb #c491144c
+@patch
+def _adopt(self:_Pack, opt):
+    "Move the state of the pack's tensors into its buffers; each tensor's state entries become views."
+    K, dev = self.K, self.offsets.device
+    sts = [opt.state[p] for p in self.params]
+    zero = torch.zeros(1, dtype=sts[0]['exp_avg'].dtype, device=dev)
+    self.M, self.S = torch.cat([st['moment_support'] for st in sts]), torch.cat([st['grad_support'] for st in sts])
+    self.m, self.v = (torch.cat([*(st[key] for st in sts), zero]) for key in ('exp_avg', 'exp_avg_sq'))
+    self.steps, self.g = torch.stack([st['step'] for st in sts]), zero.new_zeros(K + 1)  # g: the gradient at S, and a 0
+    for i, (st, a, k) in enumerate(zip(sts, itertools.accumulate([0] + self.ks[:-1]), self.ks)):
+        st.update(moment_support=self.M[a:a + k], grad_support=self.S[a:a + k], exp_avg=self.m[a:a + k],
+                  exp_avg_sq=self.v[a:a + k], step=self.steps[i])
+    self.S_views = list(self.S.split(self.ks))  # each tensor's support, in pack order
 
 # %% ../nbs/04_optim.ipynb #7adfaf18
 Candidates = namedtuple('Candidates', 'idx m_src g_src live')
@@ -362,7 +374,7 @@ def _kept_slots(keep, K, slot_ids):
     dest = torch.where(keep, torch.cumsum(keep, 0) - 1, K)
     return slot_ids.new_zeros(K + 1).scatter_(0, dest, slot_ids)[:K]
 
-# %% ../nbs/04_optim.ipynb #eb20cbe1
+# %% ../nbs/04_optim.ipynb #37891321
 @patch
 def _prune(self:SO, pk, c, m, v, live, ok_slot):
     "Keep the k largest |m| of each tensor as its new M, in the slots and in the compact state."
@@ -377,6 +389,7 @@ def _prune(self:SO, pk, c, m, v, live, ok_slot):
     pk.M.copy_(c.local.index_select(0, src))
     pk.m[:K].copy_(c.m.index_select(0, src)); pk.v[:K].copy_(c.v.index_select(0, src))
 
+# %% ../nbs/04_optim.ipynb #0b6b1673
 @patch
 def register_prune_hook(self:SO, hook):
     "Call `hook(opt, param, keys, live, m, kept)` after each prune, per tensor, on its 2k candidate slots (flat indices)."
@@ -409,7 +422,7 @@ def _dense_step(self:SO, p, group):
     m.copy_(torch.where(ok, m_new, m)); v.copy_(torch.where(ok, v_new, v))
     self._note_skips(ok.view(1), [p])
 
-# %% ../nbs/04_optim.ipynb #b2e0cb31
+# %% ../nbs/04_optim.ipynb #1a59134e
 @patch
 def _check_group(self:SO, i, group):
     "Validate a group at step time; density_ratio, T and dense cannot change after the first step."
@@ -423,6 +436,7 @@ def _check_group(self:SO, i, group):
             raise ValueError(f"param group {i}: {key} changed from {first[key]!r} to {now[key]!r} after the first step, but "
                              f"{why}; build a new SO to change it")
 
+# %% ../nbs/04_optim.ipynb #49a7853c
 @patch
 def _packs_of(self:SO, i, params):
     "The packs of the sparse tensors `params` of group i: one per device and moment dtype, rebuilt when the set changes."
@@ -467,7 +481,7 @@ def step(self:SO, closure=None):
     self._supports = None
     return loss
 
-# %% ../nbs/04_optim.ipynb #93a1f4a7
+# %% ../nbs/04_optim.ipynb #b82ab06d
 @patch
 def draw_supports(self:SO):
     "Draw now (where due) the supports of the coming step; returns {param: S}, the sorted flat indices SO will read."
@@ -482,6 +496,7 @@ def draw_supports(self:SO):
         self._supports = types.MappingProxyType(sup)
     return self._supports
 
+# %% ../nbs/04_optim.ipynb #1921b0f2
 @patch
 def set_sparse_grad(self:SO, p, values):
     "Give SO the gradient of `p` at its support: `values[i]` is the gradient at flat index `draw_supports()[p][i]`."
@@ -500,6 +515,7 @@ def add_sparse_grad(self:SO, p, values):
     old = self._sparse_grads.get(p)
     self.set_sparse_grad(p, values if old is None else old + values.reshape(-1))
 
+# %% ../nbs/04_optim.ipynb #20d760b1
 @patch(as_prop=True)
 def sparse_grads(self:SO):
     "The gradient values given for the coming step, {param: values} (read only)."
@@ -537,7 +553,7 @@ def state_dict(self:SO):
     if k0: sd['so_k0_steps'] = k0
     return sd
 
-# %% ../nbs/04_optim.ipynb #20122d50
+# %% ../nbs/04_optim.ipynb #275e43a8
 _SPARSE_KEYS = ('step', 'moment_support', 'grad_support', 'exp_avg', 'exp_avg_sq')
 
 def _check_param_state(where, g, p, st):
@@ -557,6 +573,7 @@ def _check_param_state(where, g, p, st):
     for key in ('moment_support', 'grad_support'):
         if k and not (int(st[key].min()) >= 0 and int(st[key].max()) < n): bad(f"its saved {key} holds indices outside [0, {n})")
 
+# %% ../nbs/04_optim.ipynb #0fac3af3
 @patch
 def _check_state_dict(self:SO, sd):
     "Raise a ValueError saying what does not fit before anything is loaded."
