@@ -86,7 +86,7 @@ def measure_arm(model_kind, arm, device='cpu', batch=8, n_classes=10, steps=5, w
         _sync(device); t0 = time.perf_counter()
         loss = loss_fn()
         (scaler.scale(loss) if scaler else loss).backward()
-        grad_bytes = _bytes([p.grad for p in params if p.grad is not None]) + _bytes(getattr(opt, '_sparse_grads', {}).values())
+        grad_bytes = _bytes([p.grad for p in params if p.grad is not None]) + _bytes(getattr(opt, 'sparse_grads', {}).values())
         if scaler: scaler.step(opt); scaler.update()
         else: opt.step()
         opt.zero_grad(set_to_none=True)

@@ -225,7 +225,8 @@ def make_arm(arm, state, cfg:QuickstartConfig, lr, seed, track=False):
     if arm == 'SO':
         for n, p in model.named_parameters(): p.requires_grad_(_block_matrix(n, p) or _dense_extra(n, p))
         groups = sparse_dense_groups(model, dense=_dense_extra, density_ratio=cfg.density_ratio, T=cfg.T)
-        return model, SO(groups, lr=lr, generator=torch.Generator().manual_seed(seed), track=track)
+        from so_tutorial.viz import TrackedSO  # SO that also records its supports, for the figures
+        return model, (TrackedSO if track else SO)(groups, lr=lr, generator=torch.Generator().manual_seed(seed))
     if arm == 'LoRA':
         for n, p in model.named_parameters(): p.requires_grad_(_dense_extra(n, p))
         add_lora(model, cfg.lora_r, cfg.lora_alpha)

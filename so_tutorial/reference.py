@@ -19,6 +19,7 @@ class SOReference:
         if groups and not isinstance(groups[0], dict): groups = [dict(params=groups)]
         self.param_groups = [{**defaults, **g, 'params': list(g['params'])} for g in groups]
         self.state = {}  # param -> dict(t, S, m, v)
+        self.k0_steps = {}  # param -> steps taken by a tensor with k = 0 (it has no state, but it draws)
 
     @torch.no_grad()
     def step(self):
@@ -38,7 +39,10 @@ def _grad_at(g, x, c, wd):
 def _so(self, p, group):
     "SO on one tensor: returns the new flat values, or None if the tensor has k = 0."
     n = p.numel(); k = int(n * group['density_ratio'])
-    if k == 0: return None
+    if k == 0:  # never updated, but the paper's code still draws randperm(n)[:0] when due
+        t = self.k0_steps[p] = self.k0_steps.get(p, 0) + 1
+        if (t - 1) % group['T'] == 0: torch.randperm(n, device=p.device)
+        return None
     st = self.state.setdefault(p, dict(t=0, S=[], m={}, v={}))
     st['t'] += 1; t = st['t']
     (b1, b2), lr, eps, wd = group['betas'], group['lr'], group['eps'], group['weight_decay']

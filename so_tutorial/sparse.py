@@ -38,7 +38,8 @@ class SparseBackward:
     "Make SO's sparse `nn.Linear` / `nn.MultiheadAttention` weights receive only their k gradient entries."
     def __init__(self, model:nn.Module, opt:SO):
         self.opt, self.modules = opt, []
-        self.sparse = sparse = {p for g in opt.param_groups if not g['dense'] for p in g['params'] if int(p.numel() * g['density_ratio'])}
+        self.sparse = sparse = {p for g in opt.param_groups if not g['dense'] for p in g['params']
+                                if int(p.numel() * g['density_ratio']) and not p.is_complex()}
         in_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}  # handled by the attention
         for m in model.modules():
             if isinstance(m, nn.MultiheadAttention) and (m.in_proj_weight in sparse or m.out_proj.weight in sparse):
@@ -50,9 +51,8 @@ class SparseBackward:
         "F.linear, with a sparse weight gradient when SO trains `weight` sparsely and autograd is recording."
         if not (torch.is_grad_enabled() and weight.requires_grad and weight in self.sparse): return F.linear(x, weight, bias)
         opt = self.opt
-        if not opt._prepared: opt.prepare_supports()
-        S = opt.state[weight]['grad_support']
-        return _SparseLinearFn.apply(x, weight, bias, S, lambda v: opt.add_sparse_grad(weight, v.view(-1)))
+        S = opt.draw_supports()[weight]  # drawn at the first such call of a step, the same supports after
+        return _SparseLinearFn.apply(x, weight, bias, S, lambda v: opt.add_sparse_grad(weight, v))
 
     def remove(self):
         "Restore the modules' own forward."
@@ -84,7 +84,7 @@ def _mha_forward(self, query, key, value, key_padding_mask=None, need_weights=Tr
 # %% ../nbs/41_sparse_backward.ipynb #03d198b1
 def clip_grad_norm_(params, max_norm, opt:SO, **kw):
     "`torch.nn.utils.clip_grad_norm_`, refusing when SO holds sparse gradients that the norm would miss."
-    if opt._sparse_grads:
+    if opt.sparse_grads:
         raise ValueError("gradient clipping with the sparse backward is not supported: the norm of the full gradient "
                          "is not available (only its k entries at S are computed). Disable clipping (e.g. "
                          "Trainer's max_grad_norm=0) or train without the sparse backward.")
@@ -95,25 +95,26 @@ def all_reduce_sparse_grads(opt:SO, group=None):
     "Average SO's pending sparse gradient values across the ranks of `group` (after backward, before `opt.step()`)."
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1: return
-    ps = [p for g in opt.param_groups if not g.get('dense') for p in g['params'] if 'grad_support' in opt.state.get(p, {})]
+    supports, given = opt.draw_supports(), opt.sparse_grads  # drawn already by the backward: the same on every rank
+    ps = list(supports)
     if not ps: return
     dev = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend(group) == 'nccl' else torch.device('cpu')
-    ks = [opt.state[p]['grad_support'].numel() for p in ps]
-    have = torch.tensor([float(p in opt._sparse_grads) for p in ps], device=dev)
-    vals = [opt._sparse_grads[p].reshape(-1).float().to(dev) if p in opt._sparse_grads else torch.zeros(k, device=dev) for p, k in zip(ps, ks)]
+    ks = [supports[p].numel() for p in ps]
+    have = torch.tensor([float(p in given) for p in ps], device=dev)
+    vals = [given[p].float().to(dev) if p in given else torch.zeros(k, device=dev) for p, k in zip(ps, ks)]
     buf = torch.cat([have, *vals])
     dist.all_reduce(buf, group=group)
     buf[len(ps):] /= dist.get_world_size(group)
     for p, flag, v in zip(ps, buf[:len(ps)].tolist(), buf[len(ps):].split(ks)):
-        if flag: opt._sparse_grads[p] = v.to(p.device)
+        if flag: opt.set_sparse_grad(p, v.to(p.device))
 
 def discard_sparse_grads(opt:SO):
     "Drop SO's pending sparse gradient values (what `zero_grad` does to `.grad`), e.g. to skip a step."
-    opt._sparse_grads.clear()
+    opt.clear_sparse_grads()
 
 def grads_finite(params, opt=None):
     "A bool tensor (no host sync): are every `.grad` of `params` and every pending sparse gradient of SO `opt` finite?"
-    gs = [p.grad for p in params if p.grad is not None] + list(getattr(opt, '_sparse_grads', {}).values())
+    gs = [p.grad for p in params if p.grad is not None] + list(getattr(opt, 'sparse_grads', {}).values())
     if not gs: return torch.tensor(True)
     dev = gs[0].device
     return torch.stack([torch.isfinite(g).all().to(dev) for g in gs]).all()

@@ -40,3 +40,40 @@ def test_bench_train_rejects_missing_gpu(capsys):
     if torch.cuda.is_available(): pytest.skip('a GPU is present')
     assert main(['bench', 'train', '--device', 'cuda', '--models', 'bert']) == 1
     assert 'no GPU' in capsys.readouterr().err
+
+
+PAPER_STAND_IN = '''
+import torch
+class SO(torch.optim.Optimizer):
+    "A stand-in with the paper optimizer's constructor (plain SGD), to test how the benchmark loads and times it."
+    def __init__(self, params, lr=1e-3, betas=(0.4, 0.999), eps=1e-8, weight_decay=0, density_ratio=0.1, T=30):
+        super().__init__(params, dict(lr=lr))
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            assert 'dense' in g  # the paper's code needs this key
+            for p in g['params']:
+                if p.grad is not None: p.add_(p.grad, alpha=-g['lr']); p.grad = None
+'''
+
+
+def test_optimizer_bench_medians_figure_and_paper_code(tmp_path):
+    repo = tmp_path / 'paper'; (repo / 'optimizers').mkdir(parents=True)
+    (repo / 'optimizers' / 'SparseOptimizer.py').write_text(PAPER_STAND_IN)
+    res = bench_optimizer(shapes=[(200, 100), (100, 200)], densities=(0.01, 0.1), samplers=('fast',), T=2, periods=1,
+                          rounds=3, adamw_steps=1, paper_code=repo, paper_max_bytes=2 * 1000 ** 2)
+    rows = {(r['optimizer'], r['density']): r for r in res['rows']}
+    assert rows[('paper', 0.01)]['step_ms'] > 0  # k = 200: timed
+    assert 'GiB' in rows[('paper', 0.1)]['skipped']  # k = 2000: its k×k comparison exceeds the limit
+    for r in res['rows']:
+        if 'step_ms' in r: assert r['step_ms_min'] <= r['step_ms'] <= r['step_ms_max'] and r['ratio_min'] <= r['ratio_to_adamw'] <= r['ratio_max']
+    j, md = write_bench(res, tmp_path / 'out')
+    assert (tmp_path / 'out' / 'optimizer.png').stat().st_size > 10_000
+    text = md.read_text()
+    assert 'Medians over 3 rounds' in text and 'skipped' in text and 'vary between machines' in text
+
+
+def test_optimizer_bench_cli_errors(tmp_path, capsys):
+    assert main(['bench', 'optimizer', '--quick', '--paper-code', str(tmp_path), '--out', str(tmp_path)]) == 1
+    assert 'SparseOptimizer.py' in capsys.readouterr().err
+    assert main(['bench', 'optimizer', '--quick', '--rounds', '0', '--out', str(tmp_path)]) == 1

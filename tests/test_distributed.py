@@ -109,7 +109,7 @@ HELPERS = textwrap.dedent(r'''
     x = torch.randn(3, 6, generator=torch.Generator().manual_seed(100 + rank))  # every rank its own data
     lin(x).square().sum().backward()
     all_reduce_sparse_grads(opt)
-    S, got = opt.state[lin.weight]['grad_support'], opt._sparse_grads[lin.weight]
+    S, got = opt.state[lin.weight]['grad_support'], opt.sparse_grads[lin.weight]
     w = lin.weight.detach().clone().requires_grad_()
     g = torch.autograd.grad(nn.functional.linear(x, w, lin.bias.detach()).square().sum(), w)[0]
     dist.all_reduce(g); g /= world

@@ -1,5 +1,5 @@
 "Tests of the SO optimizer: parity with the float64 reference and with Adam, validation, dtypes, state invariants."
-import math, re, types, warnings
+import copy, math, re, types, warnings
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ from torch import nn
 import so_tutorial.reference as reference_module
 from so_tutorial.optim import SO
 from so_tutorial.reference import SOReference
+from so_tutorial.viz import TrackedSO
 
 F64 = torch.float64
 SHAPES = [(12, 10), (30,), (2, 3, 4, 5)]
@@ -201,7 +202,7 @@ def test_legacy_dense_bias_correction(torch_sqrt):
     # differs from Adam ...
     ps, qs = run_vs_adam(dict(dense=True, legacy_dense_bias_correction=True), steps=5)
     assert max((p - q).abs().max().item() for p, q in zip(ps, qs)) > 1e-4
-    # ... first step is 1/(1-beta1) = 10 times Adam's (quirk Q2) ...
+    # ... first step is 1/(1-beta1) = 10 times Adam's (the paper's code divides m by 1-beta1^t twice) ...
     p, = make_params([(50,)], seed=1)[0]
     p0 = p.detach().clone()
     opt = SO([dict(params=[p], dense=True)], lr=1e-3, eps=1e-12, legacy_dense_bias_correction=True)
@@ -471,7 +472,7 @@ def test_support_invariants(sampler):
     torch.manual_seed(1)
     p = nn.Parameter(torch.randn(16, 16, dtype=F64))
     n, k = 256, int(256 * 0.1)
-    opt = SO([p], lr=1e-2, density_ratio=0.1, T=3, track=True, sampler=sampler)
+    opt = TrackedSO([p], lr=1e-2, density_ratio=0.1, T=3, sampler=sampler)
     assert opt.support(p) is None
     p_init = p.detach().clone()
     gen = torch.Generator().manual_seed(2)
@@ -549,3 +550,193 @@ def test_one_group_equals_one_group_per_tensor(dtypes, wd):
         assert torch.equal(p, q)
         for key, val in oa.state.get(p, {}).items(): assert torch.equal(ob.state[q][key], val), key
     assert int(oa.state[a[1]]['step']) == 28 and int(oa.state[a[0]]['step']) == 29
+
+
+# ---------------------------------------------------------------- 10. the paper's draw order, with k = 0 tensors
+
+def paper_supports(numels, density, T, steps, has_grad, seed):
+    """Our own re-implementation of the paper code's draw schedule: per tensor with a gradient, in group then parameter
+    order, `torch.randperm(n)[:k]` on its 1st, (T+1)-th, ... step, also when k = 0. Returns, per step, {tensor: sorted S}."""
+    taken, current, out = {}, {}, []
+    for s in range(steps):
+        torch.manual_seed(seed + s)
+        for i, n in enumerate(numels):
+            if not has_grad(s, i): continue
+            taken[i] = taken.get(i, 0) + 1
+            if (taken[i] - 1) % T == 0: current[i] = torch.randperm(n)[:int(n * density)].sort().values
+        out.append({i: S.clone() for i, S in current.items() if S.numel()})
+    return out
+
+
+@pytest.mark.filterwarnings('ignore::UserWarning')
+@pytest.mark.parametrize('skips', [False, True])
+def test_parity_draws_with_k0_tensor_first(skips):
+    "The first sparse tensor has k = 0 (like BERT's token_type_embeddings at small density): later supports still match."
+    shapes = [(2, 16), (40, 16), (16, 40), (50,), (3,), (30, 10)]  # k = 0, 12, 12, 1, 0, 6 at density 0.02
+    numels = [math.prod(s) for s in shapes]
+    has_grad = (lambda s, i: (s + i) % 4 != 0) if skips else (lambda s, i: True)
+    want = paper_supports(numels, 0.02, 3, 10, has_grad, seed=50)
+    ps = [nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = SO([dict(params=ps[:3]), dict(params=ps[3:])], density_ratio=0.02, T=3)
+    for s in range(10):
+        for i, p in enumerate(ps): p.grad = torch.randn(p.shape) if has_grad(s, i) else None
+        torch.manual_seed(50 + s)
+        opt.step()
+        got = {i: opt.state[p]['grad_support'] for i, p in enumerate(ps) if 'grad_support' in opt.state.get(p, {})}
+        assert set(got) == set(want[s]), s
+        for i in got: assert torch.equal(got[i], want[s][i]), (s, i)
+    assert len(opt.state.get(ps[0], {})) == 0 and len(opt.state.get(ps[4], {})) == 0  # k = 0: no state
+
+
+@pytest.mark.filterwarnings('ignore::UserWarning')
+def test_parity_draws_with_k0_tensor_and_sparse_backward():
+    "With the sparse backward the supports are drawn before the backward (draw_supports), in the same order."
+    from so_tutorial.sparse import SparseBackward
+    torch.manual_seed(0)
+    model = nn.ModuleDict(dict(types=nn.Embedding(2, 16), a=nn.Linear(16, 40, bias=False), b=nn.Linear(40, 16, bias=False)))
+    ps = [model['types'].weight, model['a'].weight, model['b'].weight]
+    want = paper_supports([p.numel() for p in ps], 0.02, 2, 6, lambda s, i: True, seed=70)
+    opt = SO(ps, density_ratio=0.02, T=2)
+    SparseBackward(model, opt)
+    for s in range(6):
+        torch.manual_seed(70 + s)
+        tok = torch.tensor([[0, 1, 1]])
+        model['b'](torch.relu(model['a'](model['types'](tok)))).sum().backward()
+        assert model['a'].weight.grad is None and model['types'].weight.grad is not None
+        opt.step()
+        for i in (1, 2): assert torch.equal(opt.state[ps[i]]['grad_support'], want[s][i]), (s, i)
+
+
+# ---------------------------------------------------------------- 11. non-finite gradients
+
+def check_state_invariants(opt, p, k):
+    st = opt.state[p]
+    n = p.numel()
+    for key in ('moment_support', 'grad_support'):
+        x = st[key]
+        assert x.dtype == torch.int64 and x.numel() == k
+        assert (x[1:] > x[:-1]).all() and x.min() >= 0 and x.max() < n  # sorted, distinct, in range
+    assert torch.isfinite(st['exp_avg']).all() and torch.isfinite(st['exp_avg_sq']).all() and (st['exp_avg_sq'] >= 0).all()
+    assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize('sampler', ['randperm', 'fast'])
+def test_non_finite_gradients_skip_the_tensor(sampler):
+    "Over many seeds: a NaN, an inf or a gradient whose square overflows at S leaves that tensor untouched, the rest steps."
+    shapes, density = [(20, 10), (50,), (8, 8)], 0.2
+    skips_seen = 0
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        ps = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        opt = SO(ps, lr=1e-2, density_ratio=density, T=3, sampler=sampler, weight_decay=0.01 * (seed % 2))
+        bad_value = [float('nan'), float('inf'), -float('inf'), 3e19][seed % 4]  # 3e19 ** 2 overflows float32
+        victim = ps[seed % 3]
+        for t in range(8):
+            for p in ps: p.grad = torch.randn(p.shape, generator=g)
+            poisoned = t in (0, 2, 5)
+            if poisoned:
+                S = opt.draw_supports()[victim]
+                victim.grad.view(-1)[S[int(torch.randint(len(S), (1,), generator=g))]] = bad_value
+                before = {key: val.clone() for key, val in opt.state[victim].items() if key not in ('step', 'grad_support')}
+                p_before = victim.detach().clone()
+                others = [p.detach().clone() for p in ps if p is not victim]
+            with warnings.catch_warnings(record=True) as rec:
+                warnings.simplefilter('always')
+                opt.step()
+            for p in ps: check_state_invariants(opt, p, int(p.numel() * density))
+            if poisoned:
+                assert any('not finite' in str(w.message) for w in rec)
+                assert torch.equal(victim, p_before)
+                for key, val in before.items(): assert torch.equal(opt.state[victim][key], val), (seed, t, key)
+                assert any(not torch.equal(p, q) for p, q in zip([p for p in ps if p is not victim], others))
+                skips_seen += 1
+        assert opt.skipped_updates() == 3
+    assert skips_seen == 90
+
+
+def test_non_finite_gradient_in_dense_group_is_skipped():
+    p = nn.Parameter(torch.randn(5, 4))
+    opt = SO([p], dense=True, lr=0.1)
+    p.grad = torch.randn(5, 4); opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()} | dict(p=p.detach().clone())
+    p.grad = torch.randn(5, 4); p.grad[2, 1] = float('nan')
+    with pytest.warns(UserWarning, match='not finite'): opt.step()
+    assert torch.equal(p, before['p']) and torch.equal(opt.state[p]['exp_avg'], before['exp_avg'])
+    assert opt.skipped_updates() == 1
+
+
+# ---------------------------------------------------------------- 12. validation at step() and load_state_dict()
+
+@pytest.mark.parametrize('key,value,match', [('density_ratio', 0.3, 'density_ratio changed'), ('T', 4, 'T changed'),
+                                             ('dense', True, 'dense changed'), ('density_ratio', 5, 'density_ratio'),
+                                             ('T', 0, 'T'), ('betas', (0.9, 1.0), 'betas'), ('sampler', 'x', 'sampler')])
+def test_group_edits_after_the_first_step_are_refused(key, value, match):
+    p = nn.Parameter(torch.randn(10, 10))
+    opt = SO([p], density_ratio=0.1, T=3)
+    p.grad = torch.randn(10, 10); opt.step()
+    state = {k: v.clone() for k, v in opt.state[p].items()}
+    opt.param_groups[0][key] = value
+    p.grad = torch.randn(10, 10)
+    with pytest.raises(ValueError, match=match): opt.step()
+    with pytest.raises(ValueError, match=match): opt.draw_supports()
+    for k, v in state.items(): assert torch.equal(opt.state[p][k], v)
+
+
+def test_invalid_values_set_in_a_group_before_the_first_step():
+    p = nn.Parameter(torch.randn(10, 10))
+    for key, value in (('density_ratio', 5), ('T', 0)):
+        opt = SO([p], density_ratio=0.1)
+        opt.param_groups[0][key] = value
+        p.grad = torch.randn(10, 10)
+        with pytest.raises(ValueError, match=key): opt.step()
+
+
+def _trained(shapes, steps=2, **kw):
+    ps = [nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = SO(ps, **kw)
+    for _ in range(steps):
+        for p in ps: p.grad = torch.randn(p.shape)
+        opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize('source,match', [
+    ('adam', 'not saved by SO'), ('other_sizes', 'another model'), ('other_count', 'another model'),
+    ('other_groups', 'param groups'), ('other_density', 'entries'), ('bad_index', 'outside')])
+def test_load_state_dict_refuses_what_does_not_fit(source, match):
+    ps, opt = _trained([(10, 10), (20,)], density_ratio=0.2)
+    if source == 'adam':
+        adam = torch.optim.Adam(ps); [setattr(p, 'grad', torch.randn(p.shape)) for p in ps]; adam.step()
+        sd = adam.state_dict()
+    elif source == 'other_sizes': sd = _trained([(10, 9), (20,)], density_ratio=0.2)[1].state_dict()
+    elif source == 'other_count': sd = _trained([(10, 10)], density_ratio=0.2)[1].state_dict()
+    elif source == 'other_groups':
+        qs = [nn.Parameter(torch.randn(s)) for s in [(10, 10), (20,)]]
+        sd = SO([dict(params=qs[:1]), dict(params=qs[1:])]).state_dict()
+    else:
+        sd = copy.deepcopy(opt.state_dict())
+        if source == 'other_density': sd['param_groups'][0]['density_ratio'] = 0.3
+        else: sd['state'][0]['moment_support'][-1] = 1000
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=match): opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert after['param_groups'] == before['param_groups']
+    for i, st in before['state'].items():
+        for k, v in st.items(): assert torch.equal(after['state'][i][k], v)
+
+
+def test_supplied_gradient_protocol_errors():
+    a, b = nn.Parameter(torch.randn(10, 10)), nn.Parameter(torch.randn(5))
+    opt = SO([dict(params=[a]), dict(params=[b], dense=True)], density_ratio=0.1)
+    S = opt.draw_supports()[a]
+    assert set(opt.draw_supports()) == {a} and opt.draw_supports()[a] is S  # drawn once per step
+    with pytest.raises(ValueError, match='gradient values'): opt.set_sparse_grad(a, torch.zeros(3))
+    with pytest.raises(ValueError, match='no support'): opt.set_sparse_grad(b, torch.zeros(5))
+    a.grad = torch.zeros(10, 10)
+    with pytest.raises(ValueError, match='both'): opt.set_sparse_grad(a, torch.zeros(10))
+    a.grad = None
+    opt.add_sparse_grad(a, torch.ones(10)); opt.add_sparse_grad(a, torch.ones(10))
+    assert torch.equal(opt.sparse_grads[a], torch.full((10,), 2.0))
+    with pytest.raises(TypeError): opt.sparse_grads[a] = torch.zeros(10)  # read only
+    opt.clear_sparse_grads()
+    assert not opt.sparse_grads

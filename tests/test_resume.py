@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from so_tutorial.optim import SO
+from so_tutorial.viz import TrackedSO
 
 N1, N2 = 6, 8  # save after N1 steps, then N2 more; sparse groups use T = 4 and T = 5 (refreshes at 9 and 11, 13)
 
@@ -169,7 +170,7 @@ def test_private_generator_draws_like_the_global_one(resume_run):
 def _setup(generator=None, track=False):
     torch.manual_seed(0)
     ps = [nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in [(12, 10), (30,), (2, 3, 4, 5), (6,)]]
-    opt = SO([dict(params=ps[:2], track=track), dict(params=[ps[2]], density_ratio=0.5, T=2),
+    opt = (TrackedSO if track else SO)([dict(params=ps[:2]), dict(params=[ps[2]], density_ratio=0.5, T=2),
               dict(params=[ps[3]], dense=True)], lr=1e-2, density_ratio=0.1, T=3, generator=generator)
     return ps, opt
 

@@ -190,3 +190,79 @@ def test_fast_sampler_with_global_generator_is_seeded_by_manual_seed():
         return p
     assert torch.equal(run(0), run(0))
     assert not torch.equal(run(0), run(100))
+
+
+# ---------------------------------------------------------------- randperm_prefix: the paper's draw without the permutation
+
+from so_tutorial import parity
+from so_tutorial.parity import randperm_prefix
+
+
+@pytest.mark.parametrize('n', [1, 2, 3, 7, 623, 624, 625, 1000, 4096, 100_003])
+def test_randperm_prefix_equals_randperm(n):
+    "Same indices as torch.randperm(n)[:k] and the generator left in the same state, from any generator position."
+    rng = torch.Generator().manual_seed(n)
+    for k in sorted({0, 1, n // 2, n - 1, n, int(torch.randint(0, n + 1, (1,), generator=rng))}):
+        if not 0 <= k <= n: continue
+        skip = int(torch.randint(0, 700, (1,), generator=rng))
+        a, b = torch.Generator().manual_seed(k), torch.Generator().manual_seed(k)
+        torch.empty(skip, dtype=torch.uint8).random_(generator=a); torch.empty(skip, dtype=torch.uint8).random_(generator=b)
+        want = torch.randperm(n, generator=a)[:k]
+        got = randperm_prefix(n, k, generator=b)
+        assert got.dtype == torch.int64 and torch.equal(got, want), (n, k)
+        assert torch.equal(a.get_state(), b.get_state()), (n, k)
+
+
+def test_randperm_prefix_global_generator():
+    torch.manual_seed(9); want = torch.randperm(5000)[:40]; state = torch.get_rng_state()
+    torch.manual_seed(9); got = randperm_prefix(5000, 40)
+    assert torch.equal(got, want) and torch.equal(torch.get_rng_state(), state)
+
+
+def test_randperm_prefix_falls_back_to_randperm(monkeypatch):
+    "If this torch build shuffled differently, every draw goes through torch.randperm (same result, just slower)."
+    monkeypatch.setitem(parity._CHECKED, 'ok', False)
+    calls = []
+    real = torch.randperm
+    monkeypatch.setattr(torch, 'randperm', lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(randperm_prefix(300, 7, generator=g1), real(300, generator=g2)[:7]) and calls
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def test_emulation_self_check_passes_on_this_build():
+    assert parity._emulation_matches()
+
+
+# ---------------------------------------------------------------- a group's supports drawn together
+
+@pytest.mark.parametrize('sampler', ['fast', 'randperm'])
+def test_group_draws_equal_one_by_one(sampler):
+    from so_tutorial.optim import _draw_many
+    ns, ks = [50_000, 300, 90, 12_000, 7, 1000], [25, 80, 30, 6, 7, 0 if sampler == 'randperm' else 3]
+    a, b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    together = _draw_many(ns, ks, sampler, 'cpu', a)
+    one = fast_support if sampler == 'fast' else randperm_support
+    for S, n, k in zip(together, ns, ks): assert torch.equal(S, one(n, k, generator=b).sort().values), (n, k)
+    assert torch.equal(a.get_state(), b.get_state())
+
+
+def test_group_fast_draws_when_one_tensor_runs_short(monkeypatch):
+    "If a tensor's draws hold fewer than k distinct values, fast_support draws more at once: the group draw redoes that."
+    from so_tutorial.optim import _fast_supports
+    real, trap, patched = torch.randint, {}, []
+    def randint(n, size, generator=None, **kw):
+        before = generator.get_state()
+        out = real(n, size, generator=generator, **kw)
+        if n == 5000:
+            trap.setdefault('state', before)
+            if torch.equal(before, trap['state']): out[3:] = out[0]; patched.append(1)  # only 4 distinct values
+        return out
+    monkeypatch.setattr(torch, 'randint', randint)
+    ns, ks = [9000, 5000, 30, 20_000], [40, 12, 20, 8]  # the third tensor takes the randperm path (4k > n)
+    a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    together = _fast_supports(ns, ks, a)
+    one_by_one = [fast_support(n, k, generator=b).sort().values for n, k in zip(ns, ks)]
+    assert len(patched) == 3  # the group draw, its redo, the one-by-one draw
+    for x, y in zip(together, one_by_one): assert torch.equal(x, y)
+    assert torch.equal(a.get_state(), b.get_state())

@@ -70,7 +70,7 @@ def test_clip_autocast_bf16_gradients_match_dense():
     with torch.autocast('cpu', dtype=torch.bfloat16): clip_loss(model, imgs, toks, labels).backward()
     for p, d in zip(ps, dense):
         S = opt.state[p]['grad_support']
-        got, want = opt._sparse_grads[p], d.reshape(-1)[S].float()
+        got, want = opt.sparse_grads[p], d.reshape(-1)[S].float()
         assert (got - want).abs().max() <= 2e-2 * d.abs().max() + 1e-6
 
 
@@ -89,8 +89,8 @@ def test_sparse_weights_never_get_dense_grad_and_others_do():
     toks = torch.randint(1, 50, (3, 8))
     clip_loss(model, torch.randn(4, 3, 16, 16), toks, torch.randint(0, 3, (4,))).backward()
     assert all(p.grad is None for p in ps)
-    assert set(opt._sparse_grads) == set(ps)
-    assert all(v.numel() == int(p.numel() * 0.05) for p, v in opt._sparse_grads.items())
+    assert set(opt.sparse_grads) == set(ps)
+    assert all(v.numel() == int(p.numel() * 0.05) for p, v in opt.sparse_grads.items())
     others = [p for p in model.parameters() if all(p is not q for q in ps) and p.requires_grad]
     assert others and all(p.grad is not None for p in others if p.grad is not None) and any(p.grad is not None for p in others)
     with pytest.raises(ValueError, match='not supported'): clip_grad_norm_(model.parameters(), 1.0, opt)
@@ -98,11 +98,12 @@ def test_sparse_weights_never_get_dense_grad_and_others_do():
 
 def test_no_grad_forward_draws_nothing():
     model = tiny_clip(); ps = clip_sparse_params(model)
-    opt = SO(ps, density_ratio=0.05, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    opt = SO(ps, density_ratio=0.05, generator=gen)
     SparseBackward(model, opt)
-    state = opt._generator.get_state()
+    state = gen.get_state()
     with torch.no_grad(): model.encode_image(torch.randn(2, 3, 16, 16))
-    assert torch.equal(opt._generator.get_state(), state) and not opt.state
+    assert torch.equal(gen.get_state(), state) and not opt.state
 
 
 def test_saves_only_the_touched_input_columns():
@@ -149,7 +150,16 @@ def test_zero_grad_discards_pending_sparse_values():
     lin = nn.Linear(8, 8)
     opt = SO([lin.weight], density_ratio=0.25); SparseBackward(lin, opt)
     lin(torch.randn(3, 8)).sum().backward()
-    assert lin.weight in opt._sparse_grads
+    assert lin.weight in opt.sparse_grads
     w0 = lin.weight.detach().clone()
     opt.zero_grad(); opt.step()
-    assert not opt._sparse_grads and torch.equal(lin.weight, w0)
+    assert not opt.sparse_grads and torch.equal(lin.weight, w0)
+
+
+def test_modules_use_only_sos_public_methods():
+    "Outside so_tutorial/optim.py no module reads or writes SO's private state (opt._...)."
+    import re, pathlib, so_tutorial
+    root = pathlib.Path(so_tutorial.__file__).parent
+    offenders = {f.name: hits for f in root.glob('*.py') if f.name not in ('optim.py', '_modidx.py')
+                 for hits in [re.findall(r'\bopt\._\w+|\._sparse_grads\b|\._prepared\b|prepare_supports', f.read_text())] if hits}
+    assert not offenders, offenders
