@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from fastcore.basics import patch
 from .optim import SO
 from .groups import sparse_dense_groups

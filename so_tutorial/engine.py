@@ -454,7 +454,7 @@ def train(t:Training, max_steps, stop_batch_loss=None, stop_epoch_loss=None, *,
           on_step=None, # on_step(state, stop) after every step; `stop`: a SIGTERM/SIGINT arrived on some rank
           skip_nonfinite=False, signals=None, progress=True, desc='train'):
     "Train `t` for `max_steps` steps, or until a mini-batch loss <= `stop_batch_loss` or an epoch's mean loss < `stop_epoch_loss`; return the loop state."
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     st = new_loop_state(t.data) if state is None else state
     (rank, world), module = dist_info(), ddp(t.module, t.device)
     params = [p for g in t.opt.param_groups for p in g['params']]

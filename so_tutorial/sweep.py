@@ -33,7 +33,7 @@ def run_grid(jobs, # list of (run_id, cfg)
              run_one, # run_one(cfg, out_dir) -> result dict; writes its own files into out_dir; called with resume=True when out_dir holds a checkpoint
              out_root, shard=None, force=False, desc='sweep'):
     "Run the jobs of this shard that are not finished; record failures; return one result (with its `outcome`) per job of the shard."
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     jobs, t0 = list(jobs), time.time()
     if shard is not None:
         i, n = parse_shard(shard); jobs = jobs[i::n]

@@ -16,8 +16,7 @@ BANNED = re.compile(r'\bSPEC\b|SPEC\.md|quirk Q|\.\./shared|\bQ[1-9]\b')  # 'Q2'
 
 # Files other helpers are rewriting on their branches for issue 12 (and two nobody was assigned): each is expected to
 # fail here until that work is merged. strict=True: once a file is clean its XPASS fails the suite; then remove it here.
-_OTHERS = 'being rewritten on another branch (issue 12)'
-PENDING = dict.fromkeys(['so_tutorial/optim.py', 'nbs/00_adam.ipynb', 'nbs/03_reference.ipynb', 'nbs/04_optim.ipynb'], _OTHERS)
+PENDING = {}
 PENDING_HELP = {}
 
 
