@@ -6,9 +6,9 @@
 __all__ = ['SUPPORT_LABELS', 'SUPPORT_CMAP', 'ARM_COLORS', 'ARM_DASHES', 'TrackedSO', 'SupportRecorder', 'MechanismRecorder',
            'support_codes', 'carried_share', 'support_overlap', 'plot_support_overlap', 'plot_mask_evolution',
            'newcomers', 'slot_accounting', 'last_entry_step', 'plot_slot_accounting', 'contest', 'contest_traces',
-           'first_in_M', 'pick_contestants', 'plot_contest', 'update_mass', 'plot_update_mass', 'stay_lengths',
-           'kept_evicted_gap', 'plot_moment_importance', 'plot_global_density', 'late_drop', 'plot_learning_curves',
-           'plot_comparisons']
+           'first_in_M', 'pick_contestants', 'plot_contest', 'update_mass', 'first_step_size', 'plot_update_mass',
+           'stay_lengths', 'kept_evicted_gap', 'plot_moment_importance', 'plot_global_density', 'late_drop',
+           'plot_learning_curves', 'plot_comparisons']
 
 # %% ../nbs/11_viz.ipynb #7d103602
 import numpy as np, torch, pandas as pd
@@ -264,14 +264,20 @@ def plot_contest(rec:MechanismRecorder, coords:dict=None): # {label: flat index}
 
 # %% ../nbs/11_viz.ipynb #1e784de1
 def update_mass(rec:MechanismRecorder):
-    "Per step, Σ|Δw| of the layer split by where the moving coordinate stood when it was updated (before the prune)."
+    "Per step, Σ|Δw| of the layer split by where the moving coordinate stood when it was updated (before the prune), and how many stood there."
     rows, before = [], torch.zeros(rec.numel, dtype=torch.bool)
     for r in rec.records:
         inS, inM, d = _mask(rec.numel, r['S'])[r['cand']], before[r['cand']], r['cand_dw']
-        rows.append(dict(step=r['step'], S_only=d[inS & ~inM].sum().item(), S_and_M=d[inS & inM].sum().item(),
-                         M_only=d[~inS & inM].sum().item(), total=r['dw_total']))
+        parts = {'S_only': inS & ~inM, 'S_and_M': inS & inM, 'M_only': ~inS & inM}
+        rows.append(dict(step=r['step'], **{k: d[w].sum().item() for k, w in parts.items()}, total=r['dw_total'],
+                         **{f'n_{k}': int(w.sum()) for k, w in parts.items()}))
         before = _mask(rec.numel, r['M'])
     return pd.DataFrame(rows).set_index('step')
+
+def first_step_size(t, betas=(0.9, 0.999)):
+    "|Δw| / lr of a coordinate whose moments start at step t (m = (1-β1)g, v = (1-β2)g²), whatever |g| (eps neglected)."
+    b1, b2 = betas
+    return (1 - b1) / (1 - b1 ** t) / np.sqrt((1 - b2) / (1 - b2 ** t))
 
 # %% ../nbs/11_viz.ipynb #30e4ee48
 def plot_update_mass(rec:MechanismRecorder):

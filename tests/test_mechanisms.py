@@ -3,7 +3,7 @@ from types import SimpleNamespace
 import numpy as np, pytest, torch
 from torch import nn
 from so_tutorial.viz import (MechanismRecorder, TrackedSO, slot_accounting, last_entry_step, contest, contest_traces, first_in_M,
-                             pick_contestants, update_mass, plot_slot_accounting, plot_contest, plot_update_mass)
+                             pick_contestants, update_mass, first_step_size, plot_slot_accounting, plot_contest, plot_update_mass)
 
 
 def test_slot_accounting_hand_built():
@@ -97,3 +97,13 @@ def test_plots_draw_what_they_say(run):
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert any(l.startswith('early winner') for l in labels) and any('threshold' in l for l in labels)
     assert plot_update_mass(rec).axes[0].get_title().startswith('w: over the second half')
+
+
+def test_update_mass_counts_and_first_step(run):
+    rec = run[0]
+    um, b = update_mass(rec), rec.records[-1]['betas']
+    assert (um.n_S_only + um.n_S_and_M == rec.k).all() and (um.n_S_and_M + um.n_M_only <= rec.k).all()
+    # a fresh coordinate moves by lr · first_step_size(t) whatever its gradient (here lr = 0.05)
+    for r, (t, row) in zip(rec.records, um.iterrows()):
+        if row.n_S_only: assert np.isclose(row.S_only / row.n_S_only, 0.05 * first_step_size(t, b), rtol=1e-3)  # eps = 1e-8 shifts it a little
+    assert first_step_size(1) == 1 and 0.4 < first_step_size(20) < first_step_size(60) < 1
