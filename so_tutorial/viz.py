@@ -219,11 +219,12 @@ def first_in_M(rec:SupportRecorder):
     return torch.where(codes, steps, len(codes) + 1).min(0).values.masked_fill(~codes.any(0), 0)
 
 def pick_contestants(rec:MechanismRecorder, losers=2):
-    "An early winner (in M from step 1 to the end), the latest winner still in M at the end, and the best S-only losers of late supports."
+    "An early winner (in M after every step, if one is), the latest winner still in M at the end, and the best S-only losers of late supports."
     first, final = first_in_M(rec), rec.records[-1]
     m_end = dict(zip(final['M'].tolist(), final['m_abs'].tolist()))
     held = sorted(m_end, key=m_end.get)
-    early = [c for c in held if first[c] == 1]
+    always = (support_codes(rec) >= 2).all(0)  # in M after every step
+    early = [c for c in held if always[c]] or [c for c in held if first[c] == 1]
     out = {'early winner': early[len(early) // 2], 'late winner': max(held, key=lambda c: (int(first[c]), m_end[c]))}
     T, n = rec.T, len(rec.records)
     for i, start in enumerate(sorted({(n - 1) // T * T + 1, (n // 2) // T * T + 1})[:losers]):  # a late refresh and the last one

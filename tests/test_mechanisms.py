@@ -79,6 +79,7 @@ def test_contest_traces_and_contestants(run):
     who = pick_contestants(rec, losers=1)
     first, final = first_in_M(rec), rec.records[-1]
     assert first[who['early winner']] == 1 and who['early winner'] in final['M'].tolist()
+    assert all(who['early winner'] in r['M'].tolist() for r in rec.records)  # in M after every step
     assert who['late winner'] in final['M'].tolist() and first[who['late winner']] == first[final['M']].max()
     loser = [c for k, c in who.items() if k.startswith('S-only')]
     assert len(loser) == 1 and first[loser[0]] == 0
