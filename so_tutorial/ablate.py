@@ -155,8 +155,7 @@ def markdown_ablations(table, header=''):
     shots = [c for c in table.columns if c.startswith('acc_') and c.endswith('shot')]
     cols = ['arm', 'lr', 'T', *(c[4:].replace('shot', '-shot acc %') for c in shots), 'acc %', 'arm − published [95% CI], points', 'CI',
             'final train loss', 'new entrants to M per step']
-    lines = [header, '| ' + ' | '.join(cols) + ' |', '|---|' + '---:|' * (len(cols) - 1)] if header else \
-            ['| ' + ' | '.join(cols) + ' |', '|---|' + '---:|' * (len(cols) - 1)]
+    lines = ([header.rstrip('\n'), ''] if header else []) + ['| ' + ' | '.join(cols) + ' |', '|---|' + '---:|' * (len(cols) - 1)]
     for r in table.itertuples():
         d = '—' if r.variant == 'published' else f"{r.diff:+.1f} [{_fmt(r.ci_low, '+.1f')}, {_fmt(r.ci_high, '+.1f')}]"
         T = '—' if r.T is None or (isinstance(r.T, float) and math.isnan(r.T)) else str(int(r.T))
