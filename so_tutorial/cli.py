@@ -16,6 +16,7 @@ COMMANDS = {
     'bench': {'optimizer': ('so_tutorial.bench:cli', "time SO.step() against AdamW on CLIP ViT-B/16's 96 trained matrices"),
               'train': ('so_tutorial.benchtrain:cli', 'step time and memory of CLIP ViT-B/16 and BERT-base: Adam, SO, SO sparse backward, LoRA')},
     'quickstart': ('so_tutorial.quickstart:cli', 'few-shot digits on CPU: SO vs Adam vs LoRA vs linear probe, tables and figures'),
+    'ablate': ('so_tutorial.ablate:cli', "ablations of SO's two ideas on the quickstart's digits (variants vs published, paired CIs)"),
     'clip': ('so_tutorial.clip:cli', 'one CLIP few-shot run (zero-shot, SO, LoRA or dense Adam) on one of the 11 datasets'),
     'results': ('so_tutorial.results:cli', "aggregate CLIP runs' result.json files into the paper's table (markdown, CSV, figure)"),
     'bert': ('so_tutorial.bert:cli', 'one BERT GLUE-RTE 32-shot run (SO or LoRA): the paper\'s result line and result.json'),

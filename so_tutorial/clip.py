@@ -393,9 +393,10 @@ class ClipConfig(RunConfig):
     autocast: str = None          # 'none', 'fp16', 'bf16'; None: fp16 for lora on CUDA, else none
     early_stop_loss: float = None # 0.01 for so/adam, 0 (off) for lora
     workers: int = None; test_batch_size: int = 256
+    so_variant: str = 'published' # SO: an experimental variant of `so_tutorial.ablate` ('published': the paper's algorithm)
 
     PIPELINE, METHODS = 'clip', METHODS
-    ARM_KEYS = {'so': ('density_ratio', 'preset', 'T', 'sparse_backward'), 'lora': ('rank', 'alpha', 'lora_dropout')}
+    ARM_KEYS = {'so': ('density_ratio', 'preset', 'T', 'sparse_backward', 'so_variant'), 'lora': ('rank', 'alpha', 'lora_dropout')}
     OPERATIONAL = RunConfig.OPERATIONAL + ('root', 'workers', 'test_batch_size')
 
     def run_id(self):
@@ -424,6 +425,9 @@ def resolved(self:ClipConfig):
     if c.density_ratio is None: c.density_ratio = DENSITY_PRESETS[c.preset]
     c.check_common()
     if c.method != 'zeroshot': _int(c, 'n_iters', 1)
+    from so_tutorial.ablate import VARIANTS, variant_T
+    if c.so_variant not in VARIANTS: raise UserError(f"unknown --so-variant {c.so_variant!r}; choose from: {', '.join(VARIANTS)}")
+    if c.method == 'so': c.T = variant_T(c.so_variant, c.T, c.n_iters * c.shots)  # 'fixed': one draw; 'T1': T = 1
     block_indices(c.position, 12)
     if c.encoder not in ENCODERS: raise UserError(f"unknown --encoder {c.encoder!r}; choose from: {', '.join(ENCODERS)}")
     if c.autocast is None: c.autocast = 'fp16' if c.method == 'lora' and c.device.startswith('cuda') else 'none'
@@ -441,6 +445,7 @@ def resolved(self:ClipConfig):
 def identity(self:ClipConfig):
     "What decides the run's result: its settings without the operational ones, with the backbone config and weights files by content."
     ident = {k: v for k, v in RunConfig.identity(self).items() if not (self.method == 'zeroshot' and k in _TRAINING_ONLY) and k != 'preset'}
+    if ident.get('so_variant') == 'published': del ident['so_variant']  # runs made before the option existed still match
     if _is_config(self.backbone): ident['backbone'] = content_id(self.backbone)
     if not _none(self.pretrained) and Path(str(self.pretrained)).is_file() and (
             _is_config(self.backbone) or str(self.pretrained) not in open_clip.list_pretrained_tags_by_model(str(self.backbone))):
@@ -456,6 +461,7 @@ def run_name(c):
     c, d = c.resolved(), ClipConfig(method=c.method, device=c.device).resolved()
     name = {'so': f'so_d{_g(c.density_ratio)}_T{c.T}', 'lora': f'lora_r{c.rank}', 'adam': 'adam', 'zeroshot': 'zeroshot'}[c.method]
     if c.sparse_backward: name += '_sb'
+    if c.method == 'so' and c.so_variant != 'published': name += f'_v-{c.so_variant}'
     if (c.backbone, c.pretrained) != (d.backbone, d.pretrained):
         name += f'_{_slug(Path(c.backbone).stem)}-{_slug(Path(str(c.pretrained)).stem)}'
     if c.method == 'zeroshot': return name
@@ -502,6 +508,9 @@ def _optimizer(model, mats, c):
     if c.method == 'so':
         opt = SO(list(mats.values()), lr=c.lr, betas=(0.9, 0.999), weight_decay=0., density_ratio=c.density_ratio, T=c.T,
                  generator=shared_generator(c.device, c.seed))
+        if c.so_variant != 'published':
+            from so_tutorial.ablate import apply_variant
+            apply_variant(opt, c.so_variant, c.seed)
         if c.sparse_backward: SparseBackward(model, opt)
         return opt, mats
     return torch.optim.Adam(list(mats.values()), lr=c.lr, betas=(0.9, 0.999), weight_decay=0.), mats
@@ -625,6 +634,9 @@ def _parser(prog, sweep=False):
     ap.add_argument('--preset', default='paper', help="SO density preset: paper (5e-5, the table) or figure (5e-4)")
     ap.add_argument('--density-ratio', type=float, help='SO density (overrides --preset)')
     ap.add_argument('--T', type=int, default=5, help='SO support refresh period')
+    from so_tutorial.ablate import VARIANTS
+    ap.add_argument('--so-variant', default='published', help=f"SO only, experimental: an ablation of notebook 15_ablations, one of "
+                    f"{', '.join(VARIANTS)} (default published: the paper's algorithm)")
     ap.add_argument('--encoder', default='both', help=f"towers to train: {', '.join(ENCODERS)}")
     ap.add_argument('--position', default='all', help=f"blocks to train: {', '.join(POSITIONS)}")
     ap.add_argument('--rank', type=int, default=2, help='LoRA rank')

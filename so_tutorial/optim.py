@@ -55,7 +55,8 @@ class SO(Optimizer):
         self._generator = generator
         self._clock, self._drawn, self._frozen = {}, {}, {}  # steps taken; step a support was drawn for; group values at step 1
         self._packs, self._pack_of, self._sparse_grads, self._supports = {}, {}, {}, None
-        self._prune_hooks, self._warned_k0, self._skips = OrderedDict(), False, {}
+        self._prune_hooks, self._score_hooks, self._refresh_hooks = OrderedDict(), OrderedDict(), OrderedDict()
+        self._warned_k0, self._skips = False, {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -200,6 +201,7 @@ def _install_support(self:SO, p, k, S):
     st['grad_support'].copy_(S)
     pk = self._pack_of.get(p)
     if pk is not None: pk.cand = None  # S changed: the candidates need a fresh merge
+    for hook in self._refresh_hooks.values(): hook(self, p, st)
 
 # %% ../nbs/04_optim.ipynb #f65c3a92
 @patch
@@ -380,6 +382,7 @@ def _prune(self:SO, pk, c, m, v, live, ok_slot):
     "Keep the k largest |m| of each tensor as its new M, in the slots and in the compact state."
     K = pk.K
     score = torch.where(live, m.abs(), c.in_M.to(m.dtype) - 1)  # not alive: -1; a skipped tensor's M: 0
+    if self._score_hooks: self._run_score_hooks(pk, c, live, m, v, score)
     keeps = [_top_k_rows(score[a:b].view(-1, 2 * k), k).view(-1) for a, b, k in pk.blocks]
     keep = keeps[0] if len(keeps) == 1 else torch.cat(keeps)
     if self._prune_hooks: self._run_prune_hooks(pk, c, live, m, keep)
@@ -542,6 +545,30 @@ def support(self:SO, p):
                 moment_abs=st['exp_avg'].abs(), changed=st.get('changed'),
                 evicted=st.get('evicted'), evicted_abs=st.get('evicted_abs'))
 
+# %% ../nbs/04_optim.ipynb #0a3b5c27
+@patch
+def register_score_hook(self:SO, hook):
+    "Prune by `hook(opt, param, keys, live, in_M, m, v)` (a score per candidate slot, >= 0) instead of |m| on the live slots."
+    handle = RemovableHandle(self._score_hooks)
+    self._score_hooks[handle.id] = hook
+    return handle
+
+@patch
+def _run_score_hooks(self:SO, pk, c, live, m, v, score):
+    "Overwrite, per tensor, the scores of its live slots with those of the hooks (in order), clamped at 0."
+    xs = (c.local, live, c.in_M, m, v, score)
+    for p, keys, lv, in_M, mm, vv, s in zip(pk.params, *(x.split(pk.widths) for x in xs)):
+        for hook in self._score_hooks.values():
+            s.copy_(torch.where(lv, hook(self, p, keys, lv, in_M, mm, vv).to(s.dtype).clamp_min(0), s))
+
+# %% ../nbs/04_optim.ipynb #295acc95
+@patch
+def register_refresh_hook(self:SO, hook):
+    "Call `hook(opt, param, state)` when `param` gets a new gradient support after its first step, before the step reads it."
+    handle = RemovableHandle(self._refresh_hooks)
+    self._refresh_hooks[handle.id] = hook
+    return handle
+
 # %% ../nbs/04_optim.ipynb #b68b53a8
 @patch
 def state_dict(self:SO):
@@ -638,7 +665,8 @@ def __setstate__(self:SO, d):
     self._generator, self._frozen, self._warned_k0 = so.get('generator'), so.get('frozen', {}), so.get('warned_k0', False)
     self._clock = {p: t for p, t in zip(params, so.get('clock', [])) if t is not None}
     self._drawn = {p: t for p, t in zip(params, so.get('drawn', [])) if t is not None}
-    self._packs, self._pack_of, self._sparse_grads, self._supports, self._prune_hooks, self._skips = {}, {}, {}, None, OrderedDict(), {}
+    self._packs, self._pack_of, self._sparse_grads, self._supports, self._skips = {}, {}, {}, None, {}
+    self._prune_hooks, self._score_hooks, self._refresh_hooks = OrderedDict(), OrderedDict(), OrderedDict()
 
 # %% ../nbs/04_optim.ipynb #308da075
 @patch
