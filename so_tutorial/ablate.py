@@ -174,10 +174,13 @@ def plot_ablations(table):
     ax[0].errorbar(t['diff'], y, xerr=np.nan_to_num(err), fmt='o', capsize=3)
     ax[0].axvline(0, color='gray', lw=0.8); ax[0].set_xlabel('test accuracy: arm − published (points, 95% CI)')
     ax[1].barh(y, t.train_loss, color='C1'); ax[1].set_xscale('log'); ax[1].set_xlabel('final train loss (mean over runs, log)')
-    ax[2].barh(y, t.new_per_step.fillna(0), color='C2'); ax[2].set_xlabel('new entrants to M per step (all matrices)')
+    has = t.new_per_step.notna().to_numpy()  # Adam and LoRA have no moment support: no bar, 'n/a'
+    ax[2].barh(y[has], t.new_per_step[has], color='C2'); ax[2].set_xlabel('new entrants to M per step (all matrices)')
+    for yi in y[~has]: ax[2].text(0.02, yi, 'n/a', transform=ax[2].get_yaxis_transform(), va='center', color='gray')
     ax[0].set_yticks(y, t.variant)
     fig.suptitle('Ablations of SO on few-shot digits: which change moves accuracy, loss and slot turnover')
     fig.tight_layout()
+    plt.close(fig)  # shown once, where the caller displays it
     return fig
 
 # %% ../nbs/15_ablations.ipynb #e0d3b43c

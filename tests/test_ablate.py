@@ -169,6 +169,18 @@ def test_fast_run_writes_the_three_files(fast_run):
     assert not list(out.glob('*.tmp*'))
 
 
+
+def test_plot_ablations_closes_its_figure_and_marks_missing_turnover_na(fast_run):
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    code, out, stdout = fast_run
+    plt.close('all')
+    fig = ablate.plot_ablations(ablate.ablation_table(pd.read_csv(out / 'ablations.csv')))
+    assert plt.get_fignums() == []  # closed: the caller displays it once
+    ax = fig.axes[2]
+    assert len(ax.patches) == len(VARIANTS)  # one bar per SO variant, none for Adam and LoRA
+    assert sorted(t.get_text() for t in ax.texts) == ['n/a'] * len(ablate.BASELINES)
+
 @pytest.mark.parametrize('argv, what', [(['--seeds', '1'], '--seeds'), (['--seeds', 'x'], '--seeds'), (['--workers', '0'], '--workers'),
                                         (['--bogus'], 'unrecognized')])
 def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, argv, what):
