@@ -138,18 +138,16 @@ def _fast_supports(ns, ks, generator=None):
         idx = [i for i, _ in draws]
         lens, kk = torch.tensor([len(d) for _, d in draws]), torch.tensor([ks[i] for i in idx])
         offs = torch.tensor([0] + list(itertools.accumulate(ns[i] for i in idx))[:-1])
-        seg = torch.arange(len(idx)).repeat_interleave(lens)
-        keys = torch.cat([d for _, d in draws]) + offs[seg]
+        keys = torch.cat([d for _, d in draws]) + offs.repeat_interleave(lens)
         if sum(ns[i] for i in idx) < 2**31: keys = keys.int()  # 32-bit keys sort faster
-        order = keys.argsort(stable=True)
-        sk = keys[order]
+        sk, order = keys.sort(stable=True)
         new = torch.ones_like(sk, dtype=torch.bool); new[1:] = sk[1:] != sk[:-1]
         first = torch.empty_like(new).scatter_(0, order, new)  # first appearance of each value, in draw order
         cs = first.cumsum(0)
         ends = lens.cumsum(0) - 1
         before = torch.cat([cs.new_zeros(1), cs[ends[:-1]]])
-        take = first & (cs - before[seg] <= kk[seg])
-        picked = sk[take[order]]  # in key order: each tensor's picks sorted, the tensors in order
+        take = first & (cs <= (before + kk).repeat_interleave(lens))
+        picked = sk[take.index_select(0, order)]  # in key order: each tensor's picks sorted, the tensors in order
         short = ((cs[ends] - before) < kk).nonzero()
         if short.numel():  # rare: too few distinct values; redo from that tensor on, one at a time, as fast_support does
             j = int(short[0])
@@ -261,19 +259,26 @@ def _adopt(self:_Pack, opt):
 # %% ../nbs/04_optim.ipynb #7adfaf18
 Candidates = namedtuple('Candidates', 'idx m_src g_src live')
 
+def _stable_argsort(x):
+    "`x.argsort(stable=True)`; on a CPU numpy's, which merges the sorted runs of `x` in linear time."
+    if x.device.type != 'cpu' or torch.compiler.is_compiling(): return x.argsort(stable=True)
+    return torch.from_numpy(x.numpy().argsort(kind='stable')).to(torch.int64)
+
 def _merge(M, S):
     "The 2k candidate slots of M ∪ S in key order; M and S are sorted keys."
     K = M.numel()
     both = torch.cat([M, S])
-    order = both.argsort(stable=True)
+    order = _stable_argsort(both)
     idx = both.index_select(0, order)
     dup = idx[1:] == idx[:-1]  # an M copy followed by its S copy
     no = dup.new_zeros(1)
     dead, twin = torch.cat([no, dup]), torch.cat([dup, no])
-    from_M = order < K
-    after = torch.cat([order[1:], order[:1]])  # the next slot's source: the S copy of an M copy with a twin
-    m_src = torch.where(from_M, order, K)
-    g_src = torch.where(from_M, torch.where(twin, after - K, K), torch.where(dead, K, order - K))
+    it = torch.int32 if 2 * K < 2**31 else torch.int64  # 32-bit integer arithmetic is several times faster
+    src = order.to(it) - 2 * K  # negative: -2K + its index in M, or -K + its index in S
+    after = torch.cat([src[1:], src[:1]])  # the next slot's source: the S copy of an M copy with a twin
+    live_S = ((src >= -K) & ~dead).view(torch.uint8).to(it)  # an S copy that is not an M copy's twin
+    m_src = order.clamp(max=K)
+    g_src = (((src & -live_S) + (after & -twin.view(torch.uint8).to(it))) + K).to(torch.int64)
     return Candidates(idx, m_src, g_src, ~dead)
 
 # %% ../nbs/04_optim.ipynb #3aae152f
@@ -281,7 +286,7 @@ class _Slots:
     "The 2k candidate slots of a pack for one refresh period, in key order."
     def __init__(self, c, pk):
         K = pk.K
-        self.local = c.idx - pk.per_slot(pk.offsets)  # flat index in its tensor
+        self.local = (c.idx - pk.per_slot(pk.offsets.to(c.idx.dtype))).to(torch.int64)  # flat index in its tensor
         self.g_src = c.g_src
         self.in_S, self.in_M = c.g_src < K, c.m_src < K
         self.m, self.v = pk.m.index_select(0, c.m_src), pk.v.index_select(0, c.m_src)
