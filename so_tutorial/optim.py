@@ -324,8 +324,8 @@ def _bias_corrections(self:SO, pk, group):
 # %% ../nbs/04_optim.ipynb #8c8967a3
 def _finite_per_tensor(g, pk):
     "One bool per tensor of the pack: are its gradient values at S, and their squares, all finite?"
-    bad = (~torch.isfinite(g * g)).int()
-    return bad.new_zeros(len(pk.params)).index_add_(0, pk.tensor_of_S, bad) == 0
+    nan = (g * g).mul_(0)  # 0 where g and g * g are finite, NaN elsewhere
+    return nan.new_zeros(len(pk.params)).index_add_(0, pk.tensor_of_S, nan) == 0
 
 @patch
 def _note_skips(self:SO, ok, params):
@@ -354,14 +354,14 @@ def _update(self:SO, pk, group):
     gS[:K] = torch.where(ok.index_select(0, pk.tensor_of_S), gS[:K], 0.0)  # a skipped tensor reads zeros: all stays finite
     c = pk.candidates()
     g = gS.index_select(0, c.g_src)
-    m = c.m * b1 + g * (1 - b1)
-    v = c.v * b2 + (g * g) * (1 - b2)
+    m = (c.m * b1).add_(g * (1 - b1))
+    v = (c.v * b2).add_((g * g).mul_(1 - b2))
     ok_slot = pk.per_slot(ok)
     live = (c.in_M | c.in_S) & ok_slot
     live_f = _as_float(live, m.dtype)
-    denom = (v / bc2).sqrt() + eps
-    if eps == 0: denom = denom + (1 - live_f)  # a slot that is not alive has m = v = 0: avoid 0 / 0
-    delta = (m / denom) * (step * live_f)  # not alive or skipped: exactly 0 (every value here is finite)
+    denom = (v / bc2).sqrt_().add_(eps)
+    if eps == 0: denom.add_(1 - live_f)  # a slot that is not alive has m = v = 0: avoid 0 / 0
+    delta = (m / denom).mul_(step * live_f)  # not alive or skipped: exactly 0 (every value here is finite)
     for p, i, d in zip(pk.params, c.local.split(pk.widths), delta.split(pk.widths)): _add_at(p, i, d)
     return c, m, v, live, ok_slot
 
@@ -406,7 +406,7 @@ def _prune(self:SO, pk, c, m, v, live, ok_slot):
     keep = keeps[0] if len(keeps) == 1 else torch.cat(keeps)
     if self._prune_hooks: self._run_prune_hooks(pk, c, live, m, keep)
     new, old = _as_float(keep & ok_slot, m.dtype), _as_float(keep & ~ok_slot, m.dtype)
-    c.m, c.v, c.in_M = m * new + c.m * old, v * new + c.v * old, keep
+    c.m, c.v, c.in_M = (m * new).addcmul_(c.m, old), (v * new).addcmul_(c.v, old), keep  # products by 0 or 1: exact
     src = _kept_slots(keep, K, pk.slot_ids)
     pk.M.copy_(c.local.index_select(0, src))
     pk.m[:K].copy_(c.m.index_select(0, src)); pk.v[:K].copy_(c.v.index_select(0, src))
