@@ -342,6 +342,10 @@ def skipped_updates(self:SO):
     return sum(int(x) for x in self._skips.values())
 
 # %% ../nbs/04_optim.ipynb #be9541c0
+def _as_float(mask, dtype):
+    "A bool mask as 0.0 / 1.0 (through bytes: converting bools directly is several times slower on a CPU)."
+    return mask.view(torch.uint8).to(dtype)
+
 @patch
 def _update(self:SO, pk, group):
     "Moments and weight update on every candidate slot of the pack; returns what the prune needs."
@@ -366,10 +370,6 @@ def _update(self:SO, pk, group):
     return c, m, v, live, ok_slot
 
 # %% ../nbs/04_optim.ipynb #9db2c49e
-def _as_float(mask, dtype):
-    "A bool mask as 0.0 / 1.0 (through bytes: converting bools directly is several times slower on a CPU)."
-    return mask.view(torch.uint8).to(dtype)
-
 def _order_keys(score):
     "Distinct int64 keys of a float32 (n, w) `score` ordered as the scores, ties by slot: the earlier slot ranks higher."
     b = (score + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, as equal scores must
