@@ -139,18 +139,16 @@ def _fast_supports(ns, ks, generator=None):
         idx = [i for i, _ in draws]
         lens, kk = torch.tensor([len(d) for _, d in draws]), torch.tensor([ks[i] for i in idx])
         offs = torch.tensor([0] + list(itertools.accumulate(ns[i] for i in idx))[:-1])
-        seg = torch.arange(len(idx)).repeat_interleave(lens)
-        keys = torch.cat([d for _, d in draws]) + offs[seg]
+        keys = torch.cat([d for _, d in draws]) + offs.repeat_interleave(lens)
         if sum(ns[i] for i in idx) < 2**31: keys = keys.int()  # 32-bit keys sort faster
-        order = keys.argsort(stable=True)
-        sk = keys[order]
+        sk, order = keys.sort(stable=True)
         new = torch.ones_like(sk, dtype=torch.bool); new[1:] = sk[1:] != sk[:-1]
         first = torch.empty_like(new).scatter_(0, order, new)  # first appearance of each value, in draw order
         cs = first.cumsum(0)
         ends = lens.cumsum(0) - 1
         before = torch.cat([cs.new_zeros(1), cs[ends[:-1]]])
-        take = first & (cs - before[seg] <= kk[seg])
-        picked = sk[take[order]]  # in key order: each tensor's picks sorted, the tensors in order
+        take = first & (cs <= (before + kk).repeat_interleave(lens))
+        picked = sk[take.index_select(0, order)]  # in key order: each tensor's picks sorted, the tensors in order
         short = ((cs[ends] - before) < kk).nonzero()
         if short.numel():  # rare: too few distinct values; redo from that tensor on, one at a time, as fast_support does
             j = int(short[0])
@@ -263,19 +261,26 @@ def _adopt(self:_Pack, opt):
 # %% ../nbs/04_optim.ipynb #7adfaf18
 Candidates = namedtuple('Candidates', 'idx m_src g_src live')
 
+def _stable_argsort(x):
+    "`x.argsort(stable=True)`; on a CPU numpy's, which merges the sorted runs of `x` in linear time."
+    if x.device.type != 'cpu' or torch.compiler.is_compiling(): return x.argsort(stable=True)
+    return torch.from_numpy(x.numpy().argsort(kind='stable')).to(torch.int64)
+
 def _merge(M, S):
     "The 2k candidate slots of M ∪ S in key order; M and S are sorted keys."
     K = M.numel()
     both = torch.cat([M, S])
-    order = both.argsort(stable=True)
+    order = _stable_argsort(both)
     idx = both.index_select(0, order)
     dup = idx[1:] == idx[:-1]  # an M copy followed by its S copy
     no = dup.new_zeros(1)
     dead, twin = torch.cat([no, dup]), torch.cat([dup, no])
-    from_M = order < K
-    after = torch.cat([order[1:], order[:1]])  # the next slot's source: the S copy of an M copy with a twin
-    m_src = torch.where(from_M, order, K)
-    g_src = torch.where(from_M, torch.where(twin, after - K, K), torch.where(dead, K, order - K))
+    it = torch.int32 if 2 * K < 2**31 else torch.int64  # 32-bit integer arithmetic is several times faster
+    src = order.to(it) - 2 * K  # negative: -2K + its index in M, or -K + its index in S
+    after = torch.cat([src[1:], src[:1]])  # the next slot's source: the S copy of an M copy with a twin
+    live_S = ((src >= -K) & ~dead).view(torch.uint8).to(it)  # an S copy that is not an M copy's twin
+    m_src = order.clamp(max=K)
+    g_src = (((src & -live_S) + (after & -twin.view(torch.uint8).to(it))) + K).to(torch.int64)
     return Candidates(idx, m_src, g_src, ~dead)
 
 # %% ../nbs/04_optim.ipynb #3aae152f
@@ -283,7 +288,7 @@ class _Slots:
     "The 2k candidate slots of a pack for one refresh period, in key order."
     def __init__(self, c, pk):
         K = pk.K
-        self.local = c.idx - pk.per_slot(pk.offsets)  # flat index in its tensor
+        self.local = (c.idx - pk.per_slot(pk.offsets.to(c.idx.dtype))).to(torch.int64)  # flat index in its tensor
         self.g_src = c.g_src
         self.in_S, self.in_M = c.g_src < K, c.m_src < K
         self.m, self.v = pk.m.index_select(0, c.m_src), pk.v.index_select(0, c.m_src)
@@ -321,8 +326,8 @@ def _bias_corrections(self:SO, pk, group):
 # %% ../nbs/04_optim.ipynb #8c8967a3
 def _finite_per_tensor(g, pk):
     "One bool per tensor of the pack: are its gradient values at S, and their squares, all finite?"
-    bad = (~torch.isfinite(g * g)).int()
-    return bad.new_zeros(len(pk.params)).index_add_(0, pk.tensor_of_S, bad) == 0
+    nan = (g * g).mul_(0)  # 0 where g and g * g are finite, NaN elsewhere
+    return nan.new_zeros(len(pk.params)).index_add_(0, pk.tensor_of_S, nan) == 0
 
 @patch
 def _note_skips(self:SO, ok, params):
@@ -339,6 +344,10 @@ def skipped_updates(self:SO):
     return sum(int(x) for x in self._skips.values())
 
 # %% ../nbs/04_optim.ipynb #be9541c0
+def _as_float(mask, dtype):
+    "A bool mask as 0.0 / 1.0 (through bytes: converting bools directly is several times slower on a CPU)."
+    return mask.view(torch.uint8).to(dtype)
+
 @patch
 def _update(self:SO, pk, group):
     "Moments and weight update on every candidate slot of the pack; returns what the prune needs."
@@ -351,20 +360,30 @@ def _update(self:SO, pk, group):
     gS[:K] = torch.where(ok.index_select(0, pk.tensor_of_S), gS[:K], 0.0)  # a skipped tensor reads zeros: all stays finite
     c = pk.candidates()
     g = gS.index_select(0, c.g_src)
-    m = c.m * b1 + g * (1 - b1)
-    v = c.v * b2 + (g * g) * (1 - b2)
+    m = (c.m * b1).add_(g * (1 - b1))
+    v = (c.v * b2).add_((g * g).mul_(1 - b2))
     ok_slot = pk.per_slot(ok)
     live = (c.in_M | c.in_S) & ok_slot
-    live_f = live.to(m.dtype)
-    denom = (v / bc2).sqrt() + eps
-    if eps == 0: denom = denom + (1 - live_f)  # a slot that is not alive has m = v = 0: avoid 0 / 0
-    delta = (m / denom) * (step * live_f)  # not alive or skipped: exactly 0 (every value here is finite)
+    live_f = _as_float(live, m.dtype)
+    denom = (v / bc2).sqrt_().add_(eps)
+    if eps == 0: denom.add_(1 - live_f)  # a slot that is not alive has m = v = 0: avoid 0 / 0
+    delta = (m / denom).mul_(step * live_f)  # not alive or skipped: exactly 0 (every value here is finite)
     for p, i, d in zip(pk.params, c.local.split(pk.widths), delta.split(pk.widths)): _add_at(p, i, d)
     return c, m, v, live, ok_slot
 
 # %% ../nbs/04_optim.ipynb #9db2c49e
+def _order_keys(score):
+    "Distinct int64 keys of a float32 (n, w) `score` ordered as the scores, ties by slot: the earlier slot ranks higher."
+    b = (score + 0.0).view(torch.int32)  # + 0.0: -0.0 becomes 0.0, as equal scores must
+    b = b ^ ((b >> 31) & 0x7FFFFFFF)  # the bits of a float, read as an integer, in the order of the floats
+    rank = torch.arange(score.shape[1] - 1, -1, -1, device=score.device)
+    return (b.to(torch.int64) << 32) | rank
+
 def _top_k_rows(score, k):
-    "Mask of the k largest scores of each row (ties to the earlier slot)."
+    "Mask of the k largest (finite) scores of each row (ties to the earlier slot)."
+    if score.dtype == torch.float32:  # one comparison against the k-th largest distinct key
+        key = _order_keys(score)
+        return key >= key.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True)
     tau = score.topk(k, dim=1, sorted=False).values.amin(1, keepdim=True)  # the k-th largest
     above, at = score > tau, score == tau
     need = k - above.sum(1, keepdim=True)
@@ -373,21 +392,24 @@ def _top_k_rows(score, k):
 # %% ../nbs/04_optim.ipynb #d55d25c1
 def _kept_slots(keep, K, slot_ids):
     "Positions of the K kept slots, in slot order (`keep` holds exactly K True)."
-    dest = torch.where(keep, torch.cumsum(keep, 0) - 1, K)
-    return slot_ids.new_zeros(K + 1).scatter_(0, dest, slot_ids)[:K]
+    kept = keep.view(torch.uint8)
+    it = torch.int32 if keep.numel() < 2**31 else torch.int64  # 32-bit integer arithmetic is several times faster
+    dest = ((torch.cumsum(kept, 0, dtype=it) - (K + 1)) & -kept.to(it)) + K  # a kept slot: its rank among the kept; the others: K
+    return slot_ids.new_zeros(K + 1).scatter_(0, dest.to(torch.int64), slot_ids)[:K]
 
 # %% ../nbs/04_optim.ipynb #37891321
 @patch
 def _prune(self:SO, pk, c, m, v, live, ok_slot):
     "Keep the k largest |m| of each tensor as its new M, in the slots and in the compact state."
     K = pk.K
-    score = torch.where(live, m.abs(), c.in_M.to(m.dtype) - 1)  # not alive: -1; a skipped tensor's M: 0
+    live_f = _as_float(live, m.dtype)
+    score = m.abs() * live_f + (_as_float(c.in_M, m.dtype) - 1) * (1 - live_f)  # not alive: -1; a skipped tensor's M: 0
     if self._score_hooks: self._run_score_hooks(pk, c, live, m, v, score)
     keeps = [_top_k_rows(score[a:b].view(-1, 2 * k), k).view(-1) for a, b, k in pk.blocks]
     keep = keeps[0] if len(keeps) == 1 else torch.cat(keeps)
     if self._prune_hooks: self._run_prune_hooks(pk, c, live, m, keep)
-    new, old = (keep & ok_slot).to(m.dtype), (keep & ~ok_slot).to(m.dtype)
-    c.m, c.v, c.in_M = m * new + c.m * old, v * new + c.v * old, keep
+    new, old = _as_float(keep & ok_slot, m.dtype), _as_float(keep & ~ok_slot, m.dtype)
+    c.m, c.v, c.in_M = (m * new).addcmul_(c.m, old), (v * new).addcmul_(c.v, old), keep  # products by 0 or 1: exact
     src = _kept_slots(keep, K, pk.slot_ids)
     pk.M.copy_(c.local.index_select(0, src))
     pk.m[:K].copy_(c.m.index_select(0, src)); pk.v[:K].copy_(c.v.index_select(0, src))
