@@ -38,7 +38,7 @@ def _record_support(opt, p, idx, live, m, kept):
     st['changed'][idx[live]] = True
     gone = live & ~kept
     st['evicted'], st['evicted_abs'] = idx[gone], m[gone].abs()
-    st['candidates'] = idx[live], m[live].abs(), kept[live]
+    st['candidates'], st['candidates_abs'], st['candidates_kept'] = idx[live], m[live].abs(), kept[live]
 
 # %% ../nbs/11_viz.ipynb #fc45a7c7
 class SupportRecorder:
@@ -63,7 +63,7 @@ class MechanismRecorder(SupportRecorder):
     def __call__(self, step, model, opt):
         super().__call__(step, model, opt)
         p = model.get_parameter(self.name)
-        keys, m_abs, kept = opt.state[p]['candidates']
+        keys, m_abs, kept = (opt.state[p][k] for k in ('candidates', 'candidates_abs', 'candidates_kept'))
         w = p.detach().flatten().clone()
         dw = (w - self.prev).abs()
         self.records[-1].update(cand=keys.clone(), cand_abs=m_abs.clone(), cand_kept=kept.clone(), cand_dw=dw[keys],
