@@ -25,7 +25,8 @@ def quickstart_block(folder=QUICKSTART):
              f"{c['steps']} steps, {c['dtype']}), on this project's {m['cpu_count']}-core {m['cpu_model']} with "
              f"{m['cpu_capability']} kernels and {r['workers']} worker processes, took {r['wall_time_s']:.0f} s of wall time"
              + (f" and {r['cpu_time_s']:.0f} s of CPU time" if r.get('cpu_time_s') else '') +
-             f" while other jobs shared the machine (load average {load[0]:.1f} at the start). Test accuracy (%) on held-out images of "
+             (f" while other jobs shared the machine" if load[0] >= 1.5 else "") +
+             f" (load average {load[0]:.1f} at the start). Test accuracy (%) on held-out images of "
              f"5–9, mean ± std over the {len(c['seeds'])} seeds:", '',
              (folder / 'table.md').read_text().strip(), '',
              f"Paired differences in points, mean [95% CI] over the {len(c['seeds'])} seeds (`all`: each seed's mean "
