@@ -4,14 +4,13 @@
 
 # %% auto #0
 __all__ = ['VARIANTS', 'BASELINES', 'ARMS', 'check_variant', 'variant_T', 'reset_at_refresh', 'RandomScore', 'AgeCorrected',
-           'apply_variant', 'Turnover', 'ablation_config', 'run_variant_jobs', 'ablation_table', 'markdown_ablations',
-           'plot_ablations', 'run_ablations', 'parser', 'cli']
+           'apply_variant', 'Turnover', 'ablation_config', 'ablation_table', 'markdown_ablations', 'plot_ablations',
+           'run_ablations', 'parser', 'cli']
 
 # %% ../nbs/15_ablations.ipynb #22b2eae3
-import dataclasses, io, math, sys, time
+import dataclasses, math, time
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from tqdm import tqdm
 from .optim import SO
 from .io import UserError, atomic_write
 from . import quickstart as qs
@@ -116,18 +115,6 @@ def _variant_job(job):
     return dict(variant=v, shots=job['shots'], seed=job['seed'], lr=job['lr'], T=T, acc=r['acc'],
                 train_loss=r['train_loss'][-1], new_per_step=float(np.mean(cb.new)) if cb and cb.new else math.nan)
 
-def run_variant_jobs(state, cfg, split, jobs, workers=1, progress=False):
-    "`_variant_job` for every job (dicts: variant, shots, seed, lr), in job order, in `workers` processes."
-    if workers <= 1 or len(jobs) < 2:
-        qs._init_worker(state, cfg, split)
-        try: return [_variant_job(j) for j in tqdm(jobs, desc='ablation runs', disable=not progress, leave=False)]
-        finally: qs._WORKER.clear()
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    ctx = mp.get_context('fork' if sys.platform == 'linux' else 'spawn')
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=qs._init_worker, initargs=(state, cfg, split)) as ex:
-        return list(tqdm(ex.map(_variant_job, jobs), total=len(jobs), desc='ablation runs', disable=not progress, leave=False))
-
 # %% ../nbs/15_ablations.ipynb #5c6e767a
 def ablation_table(df):
     "Per arm: lr, T, test accuracy (%) per shot count and overall, paired difference arm - published [95% CI], train loss, turnover."
@@ -193,7 +180,7 @@ def run_ablations(cfg, folder='ablations_out', workers=1, progress=False):
         lrs = qs.tune_lrs(state, cfg, split, progress, workers)[0] if cfg.tune else {a: cfg.fixed_lrs[a] for a in cfg.arms}
         lr_of = {**{v: lrs['SO'] for v in VARIANTS}, **{a: lrs[a] for a in BASELINES}}
         jobs = [dict(variant=v, shots=n, seed=s, lr=lr_of[v]) for n in cfg.shots for s in cfg.seeds for v in ARMS]
-        df = pd.DataFrame(run_variant_jobs(state, cfg, split, jobs, workers, progress))
+        df = pd.DataFrame(qs.run_jobs(state, cfg, split, jobs, workers, 'ablation runs', progress, fn=_variant_job))
     table, wall = ablation_table(df), round(time.perf_counter() - t0, 1)
     how = 'validation search (the quickstart\'s tune_lrs) for published, Adam and LoRA; every variant uses the lr of published' \
           if cfg.tune else 'fixed (--fast), every variant at the lr of published'

@@ -273,20 +273,21 @@ def _run_job(job):
     return {k: v for k, v in r.items() if k not in ('model', 'opt')}
 
 def run_jobs(state, cfg:QuickstartConfig, split, jobs, # dicts of keyword arguments of `adapt`: arm, shots, seed, lr, ...
-             workers=1, desc=None, progress=False):
-    "The results of `adapt(**job)` for every job, in job order, computed in `workers` processes."
+             workers=1, desc=None, progress=False,
+             fn=_run_job): # what a worker runs per job (a module-level function reading `_WORKER`); default: `adapt(**job)`
+    "The results of `fn(job)` for every job, in job order, computed in `workers` processes."
     bar, out = tqdm(total=len(jobs), desc=desc, disable=not progress, leave=False), []
     if workers <= 1 or len(jobs) < 2:
         _init_worker(state, cfg, split)
         try:
-            for j in jobs: out.append(_run_job(j)); bar.update()
+            for j in jobs: out.append(fn(j)); bar.update()
         finally: _WORKER.clear(); bar.close()
         return out
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
     ctx = mp.get_context('fork' if sys.platform == 'linux' else 'spawn')
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker, initargs=(state, cfg, split)) as ex:
-        futures = [ex.submit(_run_job, j) for j in jobs]
+        futures = [ex.submit(fn, j) for j in jobs]
         for f in as_completed(futures): f.result(); bar.update()
     bar.close()
     return [f.result() for f in futures]
