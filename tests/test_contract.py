@@ -9,15 +9,9 @@ from torch import nn
 
 from so_tutorial.optim import SO
 from so_tutorial.viz import TrackedSO
+from test_optim import make_params as pair  # two identical lists of leaf parameters
 
 F64 = torch.float64
-
-
-def pair(shapes, dtype=F64, seed=0):
-    "Two identical lists of leaf parameters."
-    g = torch.Generator().manual_seed(seed)
-    init = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
-    return [nn.Parameter(t.clone()) for t in init], [nn.Parameter(t.clone()) for t in init]
 
 
 def feed(ps, qs, gen, dtype=None):
