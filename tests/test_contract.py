@@ -375,14 +375,14 @@ def test_deviation_shared_global_generator():
     def run(interleave, private):
         ps, qs = [nn.Parameter(torch.randn(20, 20)) for _ in range(2)]
         gens = (torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)) if private else (None, None)
-        o1, o2 = SO([ps], density_ratio=0.05, generator=gens[0]), SO([qs], density_ratio=0.05, generator=gens[1])
+        o1, o2 = (SO([x], density_ratio=0.05, T=1, generator=g) for x, g in zip((ps, qs), gens))  # T=1: a draw every step
         torch.manual_seed(0)
         ps.grad = torch.ones(20, 20); o1.step()
         if interleave: qs.grad = torch.ones(20, 20); o2.step()
         ps.grad = torch.ones(20, 20); o1.step()
         return o1.state[ps]['moment_support'].clone(), o1.state[ps]['grad_support'].clone()
-    assert all(torch.equal(x, y) for x, y in zip(run(False, True), run(True, True)))
-    torch.manual_seed(0)
+    assert not all(torch.equal(x, y) for x, y in zip(run(False, False), run(True, False)))  # shared: o2's draw moves o1's
+    assert all(torch.equal(x, y) for x, y in zip(run(False, True), run(True, True)))  # private generators: independent
 
 
 def test_deviation_no_foreach_fused_capturable_flags():
