@@ -12,10 +12,10 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from fastcore.basics import patch
 from .sampling import fast_support
-from .parity import randperm_prefix, randperm_prefixes
+from .parity import randperm_prefixes
 
 # %% ../nbs/04_optim.ipynb #979e59d3
-_SAMPLERS = {'randperm': randperm_prefix, 'fast': fast_support}
+_SAMPLERS = ('randperm', 'fast')  # the paper's draw (03a), or the fast sampler of 01
 
 def _check(ok, name, value, accepted):
     if not ok: raise ValueError(f"Invalid {name}: {value!r} (accepted: {accepted})")
@@ -369,7 +369,7 @@ def _update(self:SO, pk, group):
     if eps == 0: denom.add_(1 - live_f)  # a slot that is not alive has m = v = 0: avoid 0 / 0
     delta = (m / denom).mul_(step * live_f)  # not alive or skipped: exactly 0 (every value here is finite)
     for p, i, d in zip(pk.params, c.local.split(pk.widths), delta.split(pk.widths)): _add_at(p, i, d)
-    return c, m, v, live, ok_slot
+    return c, m, v, live, live_f, ok_slot
 
 # %% ../nbs/04_optim.ipynb #9db2c49e
 def _order_keys(score):
@@ -399,10 +399,9 @@ def _kept_slots(keep, K, slot_ids):
 
 # %% ../nbs/04_optim.ipynb #37891321
 @patch
-def _prune(self:SO, pk, c, m, v, live, ok_slot):
+def _prune(self:SO, pk, c, m, v, live, live_f, ok_slot):
     "Keep the k largest |m| of each tensor as its new M, in the slots and in the compact state."
     K = pk.K
-    live_f = _as_float(live, m.dtype)
     score = m.abs() * live_f + (_as_float(c.in_M, m.dtype) - 1) * (1 - live_f)  # not alive: -1; a skipped tensor's M: 0
     if self._score_hooks: self._run_score_hooks(pk, c, live, m, v, score)
     keeps = [_top_k_rows(score[a:b].view(-1, 2 * k), k).view(-1) for a, b, k in pk.blocks]
