@@ -6,12 +6,12 @@
 __all__ = ['Candidates', 'SO']
 
 # %% ../nbs/04_optim.ipynb #dad4c98a
-import math, warnings, itertools, types, torch
+import warnings, itertools, types, torch
 from collections import namedtuple, OrderedDict
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from fastcore.basics import patch
-from .sampling import fast_support
+from .sampling import fast_support, _draw_count
 from .parity import randperm_prefixes
 
 # %% ../nbs/04_optim.ipynb #979e59d3
@@ -134,7 +134,7 @@ def _fast_supports(ns, ks, generator=None):
     for i, (n, k) in enumerate(zip(ns, ks)):
         states.append(gen.get_state())
         if 4 * k > n: out[i] = fast_support(n, k, generator=generator).sort().values  # its randperm case, in its place
-        else: draws.append((i, torch.randint(n, (math.ceil(-n * math.log1p(-k / n) * 1.1) + 32,), generator=generator)))
+        else: draws.append((i, torch.randint(n, (_draw_count(n, k),), generator=generator)))
     if draws:
         idx = [i for i, _ in draws]
         lens, kk = torch.tensor([len(d) for _, d in draws]), torch.tensor([ks[i] for i in idx])

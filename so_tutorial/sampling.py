@@ -27,11 +27,15 @@ def _first_distinct(draws):
     new[1:] = vals[1:] != vals[:-1]
     return vals[new], order[new]
 
+def _draw_count(n, k):
+    "How many values `fast_support` draws first for k distinct ones out of n: the expected number, plus slack."
+    return math.ceil(-n * math.log1p(-k / n) * 1.1) + 32
+
 def fast_support(n:int, k:int, device=None, generator=None):
     "Uniform random `k`-subset of `range(n)` without an O(n) permutation (falls back to it when 4k > n)."
     if 4 * k > n: return randperm_support(n, k, device, generator)
     dev = _draw_device(device, generator)
-    size = math.ceil(-n * math.log1p(-k / n) * 1.1) + 32  # expected draws for k distinct values, plus slack
+    size = _draw_count(n, k)
     draws = torch.randint(n, (size,), device=dev, generator=generator)
     vals, first = _first_distinct(draws)
     while vals.numel() < k:  # rare: draw more and keep the order of appearance
