@@ -7,6 +7,7 @@ __all__ = ['randperm_prefix', 'randperm_prefixes']
 
 # %% ../nbs/03a_randperm_prefix.ipynb #67912c59
 import numpy as np, torch
+from .sampling import randperm_support
 
 # %% ../nbs/03a_randperm_prefix.ipynb #745e6a4e
 _MT_N = 624  # words of Mersenne Twister state
@@ -82,8 +83,7 @@ def randperm_prefix(n:int, k:int, device=None, generator=None):
     "`torch.randperm(n, generator=generator)[:k]` as int64 on `device`, without the permutation when drawn on a CPU."
     dev = generator.device if generator is not None else torch.device(device or 'cpu')
     if dev.type != 'cpu' or n >= 2**32 // 20 or not _emulation_matches():
-        dt = torch.int32 if n < 2**31 else torch.int64  # the same permutation, half the memory traffic
-        return torch.randperm(n, device=dev, generator=generator, dtype=dt)[:k].to(device=device, dtype=torch.int64)
+        return randperm_support(n, k, device, generator)  # the permutation itself (01)
     gen = generator if generator is not None else torch.default_generator
     out = torch.from_numpy(_prefix(n, k, gen))
     _advance(gen, n - 1)
