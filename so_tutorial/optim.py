@@ -54,10 +54,14 @@ class SO(Optimizer):
                         legacy_dense_bias_correction=legacy_dense_bias_correction)
         self._generator = generator
         self._clock, self._drawn, self._frozen = {}, {}, {}  # steps taken; step a support was drawn for; group values at step 1
-        self._packs, self._pack_of, self._sparse_grads, self._supports = {}, {}, {}, None
+        self._reset_caches()  # packs, supplied gradients, drawn supports: rebuilt from the state when needed
         self._prune_hooks, self._score_hooks, self._refresh_hooks = OrderedDict(), OrderedDict(), OrderedDict()
         self._warned_k0, self._skips = False, {}
         super().__init__(params, defaults)
+
+    def _reset_caches(self):
+        "Forget what is derived from the state (packs, supplied gradients, the drawn-support view); rebuilt on the next step."
+        self._packs, self._pack_of, self._sparse_grads, self._supports = {}, {}, {}, None
 
     def add_param_group(self, param_group):
         "Add a group, filling defaults and validating every hyperparameter (a rejected group is not added)."
@@ -661,7 +665,7 @@ def load_state_dict(self:SO, state_dict):
     for i, p in zip(saved_ids, params):
         for key, val in sd['state'].get(i, {}).items():
             if torch.is_tensor(val): self.state[p][key] = val.to(device=p.device if key != 'step' else 'cpu').clone()
-    self._packs, self._pack_of, self._drawn, self._sparse_grads, self._supports = {}, {}, {}, {}, None
+    self._reset_caches(); self._drawn = {}
     self._clock = {p: int(st['step']) for p, st in self.state.items() if 'step' in st}
     self._clock.update({p: int(k0[i]) for i, p in enumerate(params) if i in k0})
     self._frozen = {i: dict(density_ratio=g['density_ratio'], T=g['T'], dense=g['dense'])
@@ -686,7 +690,7 @@ def __setstate__(self:SO, d):
     self._generator, self._frozen, self._warned_k0 = so.get('generator'), so.get('frozen', {}), so.get('warned_k0', False)
     self._clock = {p: t for p, t in zip(params, so.get('clock', [])) if t is not None}
     self._drawn = {p: t for p, t in zip(params, so.get('drawn', [])) if t is not None}
-    self._packs, self._pack_of, self._sparse_grads, self._supports, self._skips = {}, {}, {}, None, {}
+    self._reset_caches(); self._skips = {}
     self._prune_hooks, self._score_hooks, self._refresh_hooks = OrderedDict(), OrderedDict(), OrderedDict()
 
 # %% ../nbs/04_optim.ipynb #308da075
