@@ -703,5 +703,4 @@ def sweep_jobs(a):
 def sweep_cli(argv=None):
     "`so-tutorial sweep clip`: a resumable grid of CLIP runs."
     a = _parser('so-tutorial sweep clip', sweep=True).parse_args(argv)
-    if launched_by_torchrun(): raise UserError('a sweep runs one process per GPU: start one sweep per GPU with --shard i/n instead of torchrun')
     return run_sweep('so-tutorial sweep clip', sweep_jobs(a), run, a.output, shard=a.shard, force=a.force, desc='clip sweep')
