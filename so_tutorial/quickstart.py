@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .optim import SO
 from .groups import sparse_dense_groups
 from .io import UserError, atomic_write, write_json, machine_info
+from .engine import check_output
 
 # %% ../nbs/10_quickstart.ipynb #925f142a
 ARMS = ('SO', 'Adam', 'LoRA', 'Head')
@@ -429,14 +430,8 @@ def curves_frame(runs):
 
 # %% ../nbs/10_quickstart.ipynb #120189f0
 def check_output_folder(folder):
-    "Create `folder` if needed and make sure a file can be written in it; else raise a `UserError` naming it."
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder): pass
-    except OSError as e:
-        raise UserError(f"cannot write to output folder '{folder}' ({e.strerror or e}); choose another with --output") from None
-    return folder
+    "Create `folder` if needed and make sure a file can be written in it; else raise a `UserError` naming it and --output."
+    return check_output(folder, '--output')
 
 def _png(fig):
     import matplotlib.pyplot as plt
@@ -572,7 +567,7 @@ def cli(argv=None):
     "`so-tutorial quickstart`: the full experiment, or a smoke test with --fast; returns the exit code."
     a = parser().parse_args(argv)
     cfg = config_from_args(a)
-    check_output_folder(a.output); _check_shots(cfg)
+    _check_shots(cfg)
     res = run_quickstart(cfg, a.output, a.force_pretrain, progress=True, workers=a.workers or default_workers())
     print(summary_text(res, cfg))
     print(f"wrote {Path(a.output)}/")
