@@ -515,6 +515,17 @@ def _int_list(minimum):
         return v
     return parse
 
+def _int_at_least(minimum):
+    "An argparse type: one integer >= `minimum`."
+    def parse(s):
+        try: v = int(s)
+        except ValueError: v = None
+        if v is None or v < minimum:
+            import argparse
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {s!r}")
+        return v
+    return parse
+
 def default_workers(): return max(1, min(2, os.cpu_count() or 1))
 
 def parser():
@@ -527,8 +538,8 @@ def parser():
     ap.add_argument('--fast', action='store_true', help='smoke test: 2 seeds, 1 and 4 shots, 20 steps, short pretraining, fixed lrs')
     ap.add_argument('--seeds', type=_int_list(0), help='comma-separated seeds (default 1,2,3,4,5; 1,2 with --fast)')
     ap.add_argument('--shots', type=_int_list(1), help='comma-separated shots per class (default 1,2,4,8; 1,4 with --fast)')
-    ap.add_argument('--steps', type=lambda s: _int_list(1)(s)[0], help='adaptation steps per run (default 30; 20 with --fast)')
-    ap.add_argument('--workers', type=lambda s: _int_list(1)(s)[0], default=None,
+    ap.add_argument('--steps', type=_int_at_least(1), help='adaptation steps per run (default 30; 20 with --fast)')
+    ap.add_argument('--workers', type=_int_at_least(1), default=None,
                     help=f'processes for the few-shot runs (default: cores, at most 2; here {default_workers()}); results do not depend on it')
     ap.add_argument('--force-pretrain', action='store_true', help='pretrain again even if the cached backbone matches')
     ap.add_argument('--no-tune', action='store_true', help='skip the lr search and use the fixed per-arm lrs')
