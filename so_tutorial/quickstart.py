@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from .optim import SO
 from .groups import sparse_dense_groups
-from .io import UserError, atomic_write, write_json, machine_info
+from .io import UserError, atomic_write, write_json, machine_info, cpu_model
 from .engine import check_output
 
 # %% ../nbs/10_quickstart.ipynb #925f142a
@@ -445,13 +445,14 @@ def _cpu_seconds():
     return round(sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
                      for f in ('ru_utime', 'ru_stime')), 1)
 
+def _load_average():
+    "The system's load average over 1, 5 and 15 minutes (None where the system has none)."
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None
+
 def _cpu():
-    "The CPU model, the kernel set torch uses (ATEN_CPU_CAPABILITY) and the load average, for result files."
-    model = platform.processor() or platform.machine()
-    try: model = next(l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name'))
-    except (OSError, StopIteration): pass
-    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None
-    return dict(cpu_model=model, cpu_capability=torch.backends.cpu.get_cpu_capability(), load_average_1_5_15min=load)
+    "The CPU model, the kernel set torch uses (ATEN_CPU_CAPABILITY) and the load average now, for result files."
+    return dict(cpu_model=cpu_model() or platform.processor() or platform.machine(),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), load_average_1_5_15min=_load_average())
 
 # %% ../nbs/10_quickstart.ipynb #7f5a36c8
 FIGURES = ('comparisons', 'learning_curves', 'mask_evolution', 'support_overlap', 'moment_importance', 'global_density')
@@ -475,7 +476,7 @@ def _config_record(cfg):
 def run_quickstart(cfg:QuickstartConfig, folder='quickstart_out', force_pretrain=False, progress=False,
                    workers=1): # processes for the few-shot runs (the results do not depend on it)
     "The whole experiment; writes tables, figures and result.json to `folder` and returns the result."
-    t0, folder, seconds, load0 = time.perf_counter(), check_output_folder(folder), {}, _cpu()['load_average_1_5_15min']
+    t0, folder, seconds, load0 = time.perf_counter(), check_output_folder(folder), {}, _load_average()
     def lap(name): seconds[name] = round(time.perf_counter() - t0 - sum(seconds.values()), 2)
     with _threads(cfg.threads):
         split = make_split(cfg.split_seed)
