@@ -193,15 +193,6 @@ def run_ablations(cfg, folder='ablations_out', workers=1, progress=False):
     return dict(runs=df, table=table, lrs=lr_of, wall_time_s=wall, header=header)
 
 # %% ../nbs/15_ablations.ipynb #f52e0b0c
-def _count(minimum):
-    def parse(s):
-        import argparse
-        try: v = int(s)
-        except ValueError: v = None
-        if v is None or v < minimum: raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {s!r}")
-        return v
-    return parse
-
 def parser():
     "The argument parser of `so-tutorial ablate`."
     import argparse
@@ -209,8 +200,8 @@ def parser():
                                  'moments reset at refresh, fixed support, T = 1, random pruning, fair admission; Adam and LoRA for scale.')
     ap.add_argument('--output', type=Path, default=Path('ablations_out'), help='folder for ablations.csv, ablations.md, ablations.png and the cached backbone')
     ap.add_argument('--fast', action='store_true', help='smoke test (seconds): 2 seeds, 2 shots, 8 steps, a small short-pretrained model, fixed lrs')
-    ap.add_argument('--seeds', type=_count(2), help='number of seeds, 1..N (default 5; 2 with --fast)')
-    ap.add_argument('--workers', type=_count(1), help=f'processes (default: cores, at most 2; here {qs.default_workers()}); results do not depend on it')
+    ap.add_argument('--seeds', type=qs._int_at_least(2), help='number of seeds, 1..N (default 5; 2 with --fast)')
+    ap.add_argument('--workers', type=qs._int_at_least(1), help=f'processes (default: cores, at most 2; here {qs.default_workers()}); results do not depend on it')
     return ap
 
 def cli(argv=None):

@@ -11,7 +11,7 @@ import time, json, statistics, os, importlib.util
 from pathlib import Path
 import torch
 from .optim import SO
-from .io import atomic_write, write_json, machine_info, UserError
+from .io import atomic_write, write_json, machine_info, cpu_model, UserError
 
 # %% ../nbs/40_bench_optimizer.ipynb #a34a13e6
 def clip_shapes(widths=(768, 512), blocks=12):
@@ -101,14 +101,9 @@ def bench_optimizer(shapes=None, # tensor shapes; the 96 CLIP ViT-B/16 matrices 
         rows.append(row)
     return dict(kind='optimizer_step', tensors=len(shapes), weights=sum(p.numel() for p in params), T=T, periods=periods,
                 rounds=rounds, load_average=dict(start=load[0], end=load[-1], max=max(load)),
-                machine=dict(machine_info(device), cpu_model=_cpu_model()), rows=rows)
+                machine=dict(machine_info(device), cpu_model=cpu_model()), rows=rows)
 
 # %% ../nbs/40_bench_optimizer.ipynb #d65951fa
-def _cpu_model():
-    "The CPU's model name, where the system says it (Linux), else None."
-    try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
-    except (OSError, StopIteration): return None
-
 def _machine_line(res):
     m = res['machine']
     name = m.get('cpu_model') if m['device'] == 'cpu' and m.get('cpu_model') else m['device_name']

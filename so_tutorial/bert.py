@@ -24,7 +24,7 @@ from .groups import sparse_dense_groups
 from .io import UserError, atomic_write, seed_everything
 from .sparse import SparseBackward
 from .engine import (RunConfig, Training, EpochData, argument_parser, content_id, run_training, run_record, close_run,
-                                run_command, launched_by_torchrun, dist_info, shared_generator)
+                                run_command, dist_info, shared_generator)
 from .sweep import run_sweep
 
 # %% ../nbs/25_bert.ipynb #2092b3ca
@@ -537,7 +537,6 @@ def _run_one(cfg, out_dir, resume=False):
 def sweep_cli(argv=None):
     "`so-tutorial sweep bert`: the paper's SO (κ × T) or LoRA (r) grid, resumable, into one folder and one CSV."
     a = _bert_parser('so-tutorial sweep bert', sweep=True).parse_args(argv)
-    _check(not launched_by_torchrun(), 'a sweep runs one process per GPU: start one sweep per GPU with --shard i/n instead of torchrun')
     base = _cfg(a, density_ratio=a.density_ratios[0], T=a.Ts[0], rank=a.ranks[0])
     jobs = grid_jobs(base, a.method, a.density_ratios, a.Ts, a.ranks, a.seeds)
     root = a.output or grid_root(base)

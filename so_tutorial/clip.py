@@ -24,7 +24,7 @@ from .optim import SO
 from .sparse import SparseBackward
 from .engine import (RunConfig, Training, EpochData, argument_parser, content_id, run_training, run_record, close_run,
                                 run_command, log_attempt, launched_by_torchrun, dist_info, all_reduce_sum, shared_generator,
-                                tensors_sha1, sparse_delta, apply_delta)
+                                tensors_sha1, sparse_delta, apply_delta, _finite)
 from .sweep import run_sweep
 from .data import DATASETS, load_splits, few_shot, prompts, ImageListDataset, write_item_list
 
@@ -404,8 +404,6 @@ class ClipConfig(RunConfig):
         return f'{self.dataset}/{self.shots}shot/seed{self.seed}/{run_name(self)}'
 
 # %% ../nbs/21_clip.ipynb #fcdcd5ce
-def _finite(x): return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
 def _int(c, key, low):
     v = getattr(c, key)
     if not isinstance(v, int) or isinstance(v, bool) or v < low:
@@ -705,5 +703,4 @@ def sweep_jobs(a):
 def sweep_cli(argv=None):
     "`so-tutorial sweep clip`: a resumable grid of CLIP runs."
     a = _parser('so-tutorial sweep clip', sweep=True).parse_args(argv)
-    if launched_by_torchrun(): raise UserError('a sweep runs one process per GPU: start one sweep per GPU with --shard i/n instead of torchrun')
     return run_sweep('so-tutorial sweep clip', sweep_jobs(a), run, a.output, shard=a.shard, force=a.force, desc='clip sweep')

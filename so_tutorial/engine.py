@@ -120,12 +120,12 @@ def check_output(out, option='--output'):
     try:
         for p in (out, *out.parents):
             if p.exists():
-                if not p.is_dir(): raise UserError(f"{option}: {p} is a file, not a folder; give a folder")
+                if not p.is_dir(): raise UserError(f"{option}: cannot write to output folder {out}: {p} is a file, not a folder; give a folder")
                 break
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix='.write-test-'); os.close(fd); os.unlink(probe)
     except OSError as e:
-        raise UserError(f"{option}: cannot write to {out} ({e.strerror or e}); give a folder you can write to") from None
+        raise UserError(f"{option}: cannot write to output folder {out} ({e.strerror or e}); give a folder you can write to") from None
     return out
 
 # %% ../nbs/06b_engine.ipynb #c00555e1

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from .optim import SO
 from .groups import sparse_dense_groups
-from .io import UserError, atomic_write, write_json, machine_info
+from .io import UserError, atomic_write, write_json, machine_info, cpu_model
+from .engine import check_output
 
 # %% ../nbs/10_quickstart.ipynb #925f142a
 ARMS = ('SO', 'Adam', 'LoRA', 'Head')
@@ -429,14 +430,8 @@ def curves_frame(runs):
 
 # %% ../nbs/10_quickstart.ipynb #120189f0
 def check_output_folder(folder):
-    "Create `folder` if needed and make sure a file can be written in it; else raise a `UserError` naming it."
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder): pass
-    except OSError as e:
-        raise UserError(f"cannot write to output folder '{folder}' ({e.strerror or e}); choose another with --output") from None
-    return folder
+    "Create `folder` if needed and make sure a file can be written in it; else raise a `UserError` naming it and --output."
+    return check_output(folder, '--output')
 
 def _png(fig):
     import matplotlib.pyplot as plt
@@ -450,13 +445,14 @@ def _cpu_seconds():
     return round(sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
                      for f in ('ru_utime', 'ru_stime')), 1)
 
+def _load_average():
+    "The system's load average over 1, 5 and 15 minutes (None where the system has none)."
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None
+
 def _cpu():
-    "The CPU model, the kernel set torch uses (ATEN_CPU_CAPABILITY) and the load average, for result files."
-    model = platform.processor() or platform.machine()
-    try: model = next(l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name'))
-    except (OSError, StopIteration): pass
-    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None
-    return dict(cpu_model=model, cpu_capability=torch.backends.cpu.get_cpu_capability(), load_average_1_5_15min=load)
+    "The CPU model, the kernel set torch uses (ATEN_CPU_CAPABILITY) and the load average now, for result files."
+    return dict(cpu_model=cpu_model() or platform.processor() or platform.machine(),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), load_average_1_5_15min=_load_average())
 
 # %% ../nbs/10_quickstart.ipynb #7f5a36c8
 FIGURES = ('comparisons', 'learning_curves', 'mask_evolution', 'support_overlap', 'moment_importance', 'global_density')
@@ -480,7 +476,7 @@ def _config_record(cfg):
 def run_quickstart(cfg:QuickstartConfig, folder='quickstart_out', force_pretrain=False, progress=False,
                    workers=1): # processes for the few-shot runs (the results do not depend on it)
     "The whole experiment; writes tables, figures and result.json to `folder` and returns the result."
-    t0, folder, seconds, load0 = time.perf_counter(), check_output_folder(folder), {}, _cpu()['load_average_1_5_15min']
+    t0, folder, seconds, load0 = time.perf_counter(), check_output_folder(folder), {}, _load_average()
     def lap(name): seconds[name] = round(time.perf_counter() - t0 - sum(seconds.values()), 2)
     with _threads(cfg.threads):
         split = make_split(cfg.split_seed)
@@ -520,6 +516,17 @@ def _int_list(minimum):
         return v
     return parse
 
+def _int_at_least(minimum):
+    "An argparse type: one integer >= `minimum`."
+    def parse(s):
+        try: v = int(s)
+        except ValueError: v = None
+        if v is None or v < minimum:
+            import argparse
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {s!r}")
+        return v
+    return parse
+
 def default_workers(): return max(1, min(2, os.cpu_count() or 1))
 
 def parser():
@@ -532,8 +539,8 @@ def parser():
     ap.add_argument('--fast', action='store_true', help='smoke test: 2 seeds, 1 and 4 shots, 20 steps, short pretraining, fixed lrs')
     ap.add_argument('--seeds', type=_int_list(0), help='comma-separated seeds (default 1,2,3,4,5; 1,2 with --fast)')
     ap.add_argument('--shots', type=_int_list(1), help='comma-separated shots per class (default 1,2,4,8; 1,4 with --fast)')
-    ap.add_argument('--steps', type=lambda s: _int_list(1)(s)[0], help='adaptation steps per run (default 30; 20 with --fast)')
-    ap.add_argument('--workers', type=lambda s: _int_list(1)(s)[0], default=None,
+    ap.add_argument('--steps', type=_int_at_least(1), help='adaptation steps per run (default 30; 20 with --fast)')
+    ap.add_argument('--workers', type=_int_at_least(1), default=None,
                     help=f'processes for the few-shot runs (default: cores, at most 2; here {default_workers()}); results do not depend on it')
     ap.add_argument('--force-pretrain', action='store_true', help='pretrain again even if the cached backbone matches')
     ap.add_argument('--no-tune', action='store_true', help='skip the lr search and use the fixed per-arm lrs')
@@ -572,7 +579,7 @@ def cli(argv=None):
     "`so-tutorial quickstart`: the full experiment, or a smoke test with --fast; returns the exit code."
     a = parser().parse_args(argv)
     cfg = config_from_args(a)
-    check_output_folder(a.output); _check_shots(cfg)
+    _check_shots(cfg)
     res = run_quickstart(cfg, a.output, a.force_pretrain, progress=True, workers=a.workers or default_workers())
     print(summary_text(res, cfg))
     print(f"wrote {Path(a.output)}/")

@@ -217,3 +217,15 @@ def test_failed_force_rerun_keeps_the_finished_result(fx, tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match='out of memory'):  # a single run that crashes replaces nothing either
         quiet(clip_args(fx, tmp_path, 'zeroshot', shots='1') + ['--force'])
     assert res.read_bytes() == good
+
+
+def test_sweeps_refuse_torchrun(fx, tmp_path, monkeypatch):
+    "A sweep is one process per GPU: under torchrun both sweep commands stop with a one-line error before writing anything."
+    for k, v in dict(RANK='0', WORLD_SIZE='2', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT='29500').items(): monkeypatch.setenv(k, v)
+    clip_sweep = ['sweep', 'clip', '--root', str(fx['root']), '--datasets', 'dtd', '--shots', '1', '--seeds', '1', '--methods', 'zeroshot',
+                  '--backbone', str(fx['tiny']), '--pretrained', 'none', '--device', 'cpu', '--workers', '0', '--output', str(tmp_path / 'c')]
+    bert_sweep = ['sweep', 'bert', '--method', 'lora', '--ranks', '2', '--model', fx['bert'], '--data', fx['rte'], '--max-length', '32',
+                  '--max-steps', '1', '--device', 'cpu', '--output', str(tmp_path / 'b')]
+    for argv in (clip_sweep, bert_sweep):
+        assert failed(*quiet(argv)[::2], 'one sweep per GPU', '--shard', 'torchrun')
+    assert not any(tmp_path.iterdir())

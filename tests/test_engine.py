@@ -87,7 +87,6 @@ def test_empty_training_data_is_an_error_not_a_spin():
 
 
 def test_resume_is_exact_and_checks_the_weights(tmp_path):
-    ref, ref_t = run_training(toy(), CFG, tmp_path / 'ref', 30, progress=False)[0], None
     full = toy(); torch.manual_seed(1); ref, _ = run_training(full, CFG, tmp_path / 'ref2', 30, progress=False)
     stopped = toy(sigint_at=3); torch.manual_seed(1)
     with pytest.raises(Interrupted, match='stopped by SIGINT after step 16 of 30'):

@@ -216,7 +216,7 @@ def test_cli_unknown_option():
     assert p.returncode == 2 and 'unrecognized arguments: --bogus' in p.stderr
 
 
-@pytest.mark.parametrize('bad', [['--shots', '0'], ['--seeds', 'a,b'], ['--steps', '-3']])
+@pytest.mark.parametrize('bad', [['--shots', '0'], ['--seeds', 'a,b'], ['--steps', '-3'], ['--steps', '3,4'], ['--workers', '0']])
 def test_cli_malformed_values(bad):
     from so_tutorial.quickstart import cli
     with pytest.raises(SystemExit) as e: cli(bad)
