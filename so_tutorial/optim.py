@@ -6,7 +6,7 @@
 __all__ = ['Candidates', 'SO']
 
 # %% ../nbs/04_optim.ipynb #dad4c98a
-import warnings, itertools, types, torch
+import warnings, itertools, types, threading, torch, numpy as np
 from collections import namedtuple, OrderedDict
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
@@ -121,6 +121,33 @@ def _add_at(t, idx, values):
     flat, layout = _flat(t)
     flat.scatter_add_(0, _at(layout, idx), values if values.dtype == flat.dtype else values.to(flat.dtype))
 
+def _gather_into(out, t, idx):
+    "Write the entries of `t` at the flat indices `idx` into `out` (converted to its dtype)."
+    flat, layout = _flat(t)
+    if flat.dtype == out.dtype: torch.index_select(flat, 0, _at(layout, idx), out=out)
+    else: out.copy_(flat.index_select(0, _at(layout, idx)))
+
+# %% ../nbs/04_optim.ipynb #a1e0c5d2
+def _cpu_eager(t): return t.device.type == 'cpu' and not torch.compiler.is_compiling()
+
+def _each(fn, n, work=None):
+    "Call `fn(i)` for i in range(n); with `work` (a CPU tensor count) spread over torch's threads, each i on one thread."
+    w = min(torch.get_num_threads(), n) if work is not None and work >= 2**18 else 1
+    if w < 2:
+        for i in range(n): fn(i)
+        return
+    errors = []
+    def run(j):
+        try:
+            with torch.no_grad():  # grad mode is per thread
+                for i in range(j, n, w): fn(i)
+        except BaseException as e: errors.append(e)
+    threads = [threading.Thread(target=run, args=(j,), daemon=True) for j in range(1, w)]
+    for t in threads: t.start()
+    run(0)
+    for t in threads: t.join()
+    if errors: raise errors[0]
+
 # %% ../nbs/04_optim.ipynb #e83efaec
 def _sorted_each(xs, ns):
     "Each tensor of `xs` (integers in [0, n) for its n in `ns`) sorted, with one sort for all."
@@ -131,21 +158,33 @@ def _sorted_each(xs, ns):
     return list(((torch.cat(xs) + off).sort().values - off).split(sizes))
 
 # %% ../nbs/04_optim.ipynb #3e4bbb44
+def _sort_apart(x, cut):
+    "`x.sort(stable=True)` for `x` whose values before `cut` all lie below those from `cut` on; on a CPU both parts at once."
+    if not 0 < cut < x.numel() or not _cpu_eager(x) or torch.get_num_threads() < 2: return x.sort(stable=True)
+    parts = [x[:cut], x[cut:]]
+    def one(j): parts[j] = parts[j].sort(stable=True)
+    _each(one, 2, x.numel())
+    (v0, o0), (v1, o1) = parts
+    return torch.cat([v0, v1]), torch.cat([o0, o1 + cut])
+
 def _fast_supports(ns, ks, generator=None):
     "`[fast_support(n, k, generator=generator) for n, k in zip(ns, ks)]`, sorted, drawn in that order on the CPU."
     gen = generator if generator is not None else torch.default_generator
-    out, draws, states = [None] * len(ns), [], []
+    out, states, idx, starts, offs = [None] * len(ns), [], [], [0], [0]
+    drawn = [i for i, (n, k) in enumerate(zip(ns, ks)) if 4 * k <= n]
+    kd = torch.int32 if sum(ns[i] for i in drawn) < 2**31 else torch.int64  # 32-bit keys sort faster
+    keys = torch.empty(sum(_draw_count(ns[i], ks[i]) for i in drawn), dtype=kd)
     for i, (n, k) in enumerate(zip(ns, ks)):
         states.append(gen.get_state())
-        if 4 * k > n: out[i] = fast_support(n, k, generator=generator).sort().values  # its randperm case, in its place
-        else: draws.append((i, torch.randint(n, (_draw_count(n, k),), generator=generator)))
-    if draws:
-        idx = [i for i, _ in draws]
-        lens, kk = torch.tensor([len(d) for _, d in draws]), torch.tensor([ks[i] for i in idx])
-        offs = torch.tensor([0] + list(itertools.accumulate(ns[i] for i in idx))[:-1])
-        keys = torch.cat([d for _, d in draws]) + offs.repeat_interleave(lens)
-        if sum(ns[i] for i in idx) < 2**31: keys = keys.int()  # 32-bit keys sort faster
-        sk, order = keys.sort(stable=True)
+        if 4 * k > n: out[i] = fast_support(n, k, generator=generator).sort().values; continue  # its randperm case, in its place
+        a, off = starts[-1], offs[-1]
+        b = a + _draw_count(n, k)
+        torch.randint(off, off + n, (b - a,), generator=generator, dtype=kd, out=keys[a:b])  # the draws of fast_support, plus off
+        idx.append(i); starts.append(b); offs.append(off + n)
+    if idx:
+        lens, kk = torch.tensor(starts).diff(), torch.tensor([ks[i] for i in idx])
+        offs = torch.tensor(offs[:-1])
+        sk, order = _sort_apart(keys, min(starts, key=lambda a: abs(2 * a - starts[-1])))
         new = torch.ones_like(sk, dtype=torch.bool); new[1:] = sk[1:] != sk[:-1]
         first = torch.empty_like(new).scatter_(0, order, new)  # first appearance of each value, in draw order
         cs = first.cumsum(0)
@@ -235,6 +274,7 @@ class _Pack:
         for k, same in itertools.groupby(self.ks):
             b = a + 2 * k * len(list(same)); self.blocks.append((a, b, k)); a = b
         self.slot_ids = torch.arange(2 * K, device=dev)
+        self.cut = min(itertools.accumulate(self.ks), key=lambda a: abs(2 * a - K))  # a tensor boundary near K / 2
         self._adopt(opt)
         self.cand = None  # the candidate slots of the current refresh period
 
@@ -261,31 +301,35 @@ def _adopt(self:_Pack, opt):
         st.update(moment_support=self.M[a:a + k], grad_support=self.S[a:a + k], exp_avg=self.m[a:a + k],
                   exp_avg_sq=self.v[a:a + k], step=self.steps[i])
     self.S_views = list(self.S.split(self.ks))  # each tensor's support, in pack order
+    self.g_views = list(self.g[:K].split(self.ks))
 
 # %% ../nbs/04_optim.ipynb #7adfaf18
 Candidates = namedtuple('Candidates', 'idx m_src g_src live')
 
-def _stable_argsort(x):
-    "`x.argsort(stable=True)`; on a CPU numpy's, which merges the sorted runs of `x` in linear time."
-    if x.device.type != 'cpu' or torch.compiler.is_compiling(): return x.argsort(stable=True)
-    return torch.from_numpy(x.numpy().argsort(kind='stable')).to(torch.int64)
-
-def _merge(M, S):
-    "The 2k candidate slots of M ∪ S in key order; M and S are sorted keys."
+def _merge_order(M, S, cut=0):
+    "`torch.cat([M, S]).argsort(stable=True)` for sorted M and S; on a CPU numpy's linear merge, in two parts at once when `cut` is a key boundary of both."
     K = M.numel()
-    both = torch.cat([M, S])
-    order = _stable_argsort(both)
-    idx = both.index_select(0, order)
-    dup = idx[1:] == idx[:-1]  # an M copy followed by its S copy
-    no = dup.new_zeros(1)
-    dead, twin = torch.cat([no, dup]), torch.cat([dup, no])
-    it = torch.int32 if 2 * K < 2**31 else torch.int64  # 32-bit integer arithmetic is several times faster
-    src = order.to(it) - 2 * K  # negative: -2K + its index in M, or -K + its index in S
-    after = torch.cat([src[1:], src[:1]])  # the next slot's source: the S copy of an M copy with a twin
-    live_S = ((src >= -K) & ~dead).view(torch.uint8).to(it)  # an S copy that is not an M copy's twin
-    m_src = order.clamp(max=K)
-    g_src = (((src & -live_S) + (after & -twin.view(torch.uint8).to(it))) + K).to(torch.int64)
-    return Candidates(idx, m_src, g_src, ~dead)
+    if not _cpu_eager(M): return torch.cat([M, S]).argsort(stable=True)
+    parts = [(0, cut), (cut, K)] if 0 < cut < K and torch.get_num_threads() > 1 else [(0, K)]
+    def one(j):
+        a, b = parts[j]
+        o = np.concatenate([M[a:b].numpy(), S[a:b].numpy()]).argsort(kind='stable')
+        o += (o >= b - a) * (K - b + a) + a  # M[a + i] is slot a + i of cat([M, S]), S[a + i] is K + a + i
+        parts[j] = o
+    _each(one, len(parts), 2 * K)
+    return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts)).to(torch.int64)
+
+def _merge(M, S, cut=0):
+    "The 2k candidate slots of M ∪ S in key order; M and S are sorted keys (all below `cut` in both lie below the rest)."
+    K = M.numel()
+    order = _merge_order(M, S, cut)  # below K: an M copy (its index in M); from K on: K + its index in S
+    idx = torch.cat([M, S]).index_select(0, order)
+    dup = idx[1:] == idx[:-1]  # an M copy followed by its S copy, its twin
+    g_src = order - K  # an S copy reads the gradient at its place in S...
+    g_src.masked_fill_(g_src < 0, K)  # ...an M copy the extra zero...
+    g_src[:-1] = torch.where(dup, g_src[1:], g_src[:-1])  # ...unless it has a twin: then it reads its twin's place
+    g_src[1:].masked_fill_(dup, K)  # and the twin, a dead slot, reads the zero
+    return Candidates(idx, order.clamp(max=K), g_src, torch.cat([dup.new_ones(1), ~dup]))
 
 # %% ../nbs/04_optim.ipynb #3aae152f
 class _Slots:
@@ -302,18 +346,24 @@ def candidates(self:_Pack):
     "The candidate slots of the coming step: merged after a draw, otherwise those of the last step."
     if self.cand is None:
         M, S = (x.to(self.key_dtype) + self.off_S for x in (self.M, self.S))
-        self.cand = _Slots(_merge(M, S), self)
+        self.cand = _Slots(_merge(M, S, self.cut), self)
     return self.cand
 
 # %% ../nbs/04_optim.ipynb #1517c24b
 @patch
 def _grad_at_support(self:SO, pk, wd):
     "The gradient (plus L2 weight decay) of every tensor of `pk` at its support, followed by a 0."
-    S, given, g = pk.S_views, self._sparse_grads, pk.g[:pk.K]
-    parts = [given[p] if p in given else _gather(p.grad, s) for p, s in zip(pk.params, S)]
-    if all(x.dtype == g.dtype for x in parts): torch.cat(parts, out=g)
-    else: g.copy_(torch.cat(parts))
-    if wd: g.add_(torch.cat([_gather(p, s) for p, s in zip(pk.params, S)]).to(g.dtype) * wd)
+    S, given, g, work = pk.S_views, self._sparse_grads, pk.g[:pk.K], (pk.K if _cpu_eager(pk.g) else None)
+    def grad(i):
+        p = pk.params[i]
+        if p in given: pk.g_views[i].copy_(given[p])
+        else: _gather_into(pk.g_views[i], p.grad, S[i])
+    _each(grad, len(S), work)
+    if wd:
+        w = torch.empty_like(g)
+        ws = w.split(pk.ks)
+        _each(lambda i: _gather_into(ws[i], pk.params[i], S[i]), len(S), work)
+        g.add_(w * wd)
     return pk.g
 
 @patch
@@ -330,6 +380,7 @@ def _bias_corrections(self:SO, pk, group):
 # %% ../nbs/04_optim.ipynb #8c8967a3
 def _finite_per_tensor(g, pk):
     "One bool per tensor of the pack: are its gradient values at S, and their squares, all finite?"
+    if _cpu_eager(g) and torch.dot(g, g).isfinite(): return None  # on a CPU a finite sum of squares says: all finite
     nan = (g * g).mul_(0)  # 0 where g and g * g are finite, NaN elsewhere
     return nan.new_zeros(len(pk.params)).index_add_(0, pk.tensor_of_S, nan) == 0
 
@@ -360,19 +411,21 @@ def _update(self:SO, pk, group):
     bc2, step = self._bias_corrections(pk, group)
     gS = self._grad_at_support(pk, wd)
     ok = _finite_per_tensor(gS[:K], pk)
-    self._note_skips(ok, pk.params)
-    gS[:K] = torch.where(ok.index_select(0, pk.tensor_of_S), gS[:K], 0.0)  # a skipped tensor reads zeros: all stays finite
+    if ok is not None:
+        self._note_skips(ok, pk.params)
+        gS[:K] = torch.where(ok.index_select(0, pk.tensor_of_S), gS[:K], 0.0)  # a skipped tensor reads zeros: all stays finite
     c = pk.candidates()
     g = gS.index_select(0, c.g_src)
     m = (c.m * b1).add_(g * (1 - b1))
     v = (c.v * b2).add_((g * g).mul_(1 - b2))
-    ok_slot = pk.per_slot(ok)
-    live = (c.in_M | c.in_S) & ok_slot
+    ok_slot = None if ok is None else pk.per_slot(ok)
+    live = (c.in_M | c.in_S) if ok is None else (c.in_M | c.in_S) & ok_slot
     live_f = _as_float(live, m.dtype)
     denom = (v / bc2).sqrt_().add_(eps)
     if eps == 0: denom.add_(1 - live_f)  # a slot that is not alive has m = v = 0: avoid 0 / 0
     delta = (m / denom).mul_(step * live_f)  # not alive or skipped: exactly 0 (every value here is finite)
-    for p, i, d in zip(pk.params, c.local.split(pk.widths), delta.split(pk.widths)): _add_at(p, i, d)
+    idx, ds = c.local.split(pk.widths), delta.split(pk.widths)
+    _each(lambda j: _add_at(pk.params[j], idx[j], ds[j]), len(ds), 2 * K if _cpu_eager(delta) else None)
     return c, m, v, live, live_f, ok_slot
 
 # %% ../nbs/04_optim.ipynb #9db2c49e
@@ -393,9 +446,25 @@ def _top_k_rows(score, k):
     need = k - above.sum(1, keepdim=True)
     return above | (at & (at.cumsum(1) <= need))
 
+# %% ../nbs/04_optim.ipynb #a1e0c5d5
+def _top_k_blocks(score, blocks):
+    "The masks of `_top_k_rows` for each block (first slot, end, k) of `score`, in one bool tensor."
+    keep = torch.empty(score.shape, dtype=torch.bool, device=score.device)
+    def one(j):
+        a, b, k = blocks[j]
+        x, out = score[a:b].view(-1, 2 * k), keep[a:b].view(-1, 2 * k)
+        if _cpu_eager(score):  # numpy's partition finds the k-th largest score; when it is unique, the k largest are those >= it
+            xn, on = x.numpy(), out.numpy()
+            np.greater_equal(xn, np.partition(xn, k, axis=1)[:, k:k + 1], out=on)
+            if (on.sum(1) == k).all(): return
+        out.copy_(_top_k_rows(x, k))
+    _each(one, len(blocks), score.numel() if _cpu_eager(score) else None)
+    return keep
+
 # %% ../nbs/04_optim.ipynb #d55d25c1
 def _kept_slots(keep, K, slot_ids):
     "Positions of the K kept slots, in slot order (`keep` holds exactly K True)."
+    if _cpu_eager(keep): return keep.nonzero().view(-1)  # no device to wait for: the count is known at once
     kept = keep.view(torch.uint8)
     it = torch.int32 if keep.numel() < 2**31 else torch.int64  # 32-bit integer arithmetic is several times faster
     dest = ((torch.cumsum(kept, 0, dtype=it) - (K + 1)) & -kept.to(it)) + K  # a kept slot: its rank among the kept; the others: K
@@ -406,16 +475,16 @@ def _kept_slots(keep, K, slot_ids):
 def _prune(self:SO, pk, c, m, v, live, live_f, ok_slot):
     "Keep the k largest |m| of each tensor as its new M, in the slots and in the compact state."
     K = pk.K
-    score = m.abs() * live_f + (_as_float(c.in_M, m.dtype) - 1) * (1 - live_f)  # not alive: -1; a skipped tensor's M: 0
+    score = torch.where(live, m.abs(), _as_float(c.in_M, m.dtype) - 1)  # not alive: -1; a skipped tensor's M: 0
     if self._score_hooks: self._run_score_hooks(pk, c, live, m, v, score)
-    keeps = [_top_k_rows(score[a:b].view(-1, 2 * k), k).view(-1) for a, b, k in pk.blocks]
-    keep = keeps[0] if len(keeps) == 1 else torch.cat(keeps)
+    keep = _top_k_blocks(score, pk.blocks)
     if self._prune_hooks: self._run_prune_hooks(pk, c, live, m, keep)
-    new, old = _as_float(keep & ok_slot, m.dtype), _as_float(keep & ~ok_slot, m.dtype)
+    if ok_slot is None: new, old = _as_float(keep, m.dtype), m.new_zeros(())
+    else: new, old = _as_float(keep & ok_slot, m.dtype), _as_float(keep & ~ok_slot, m.dtype)
     c.m, c.v, c.in_M = (m * new).addcmul_(c.m, old), (v * new).addcmul_(c.v, old), keep  # products by 0 or 1: exact
     src = _kept_slots(keep, K, pk.slot_ids)
-    pk.M.copy_(c.local.index_select(0, src))
-    pk.m[:K].copy_(c.m.index_select(0, src)); pk.v[:K].copy_(c.v.index_select(0, src))
+    torch.index_select(c.local, 0, src, out=pk.M)
+    torch.index_select(c.m, 0, src, out=pk.m[:K]); torch.index_select(c.v, 0, src, out=pk.v[:K])
 
 # %% ../nbs/04_optim.ipynb #0b6b1673
 @patch

@@ -251,10 +251,10 @@ def test_group_fast_draws_when_one_tensor_runs_short(monkeypatch):
     "If a tensor's draws hold fewer than k distinct values, fast_support draws more at once: the group draw redoes that."
     from so_tutorial.optim import _fast_supports
     real, trap, patched = torch.randint, {}, []
-    def randint(n, size, generator=None, **kw):
+    def randint(*args, generator=None, **kw):
         before = generator.get_state()
-        out = real(n, size, generator=generator, **kw)
-        if n == 5000:
+        out = real(*args, generator=generator, **kw)
+        if args[-2] - (args[0] if len(args) == 3 else 0) == 5000:  # randint(n, size) or randint(low, high, size)
             trap.setdefault('state', before)
             if torch.equal(before, trap['state']): out[3:] = out[0]; patched.append(1)  # only 4 distinct values
         return out
