@@ -6,7 +6,8 @@
 __all__ = ['Candidates', 'SO']
 
 # %% ../nbs/04_optim.ipynb #dad4c98a
-import warnings, itertools, types, threading, torch, numpy as np
+import os, warnings, itertools, types, torch, numpy as np
+from concurrent.futures import ThreadPoolExecutor
 from collections import namedtuple, OrderedDict
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
@@ -130,23 +131,25 @@ def _gather_into(out, t, idx):
 # %% ../nbs/04_optim.ipynb #a1e0c5d2
 def _cpu_eager(t): return t.device.type == 'cpu' and not torch.compiler.is_compiling()
 
+_helpers = {}  # number of helper threads -> a pool of them, made on first use
+os.register_at_fork(after_in_child=_helpers.clear)  # a forked child has none of its parent's threads: it makes its own
+
 def _each(fn, n, work=None):
-    "Call `fn(i)` for i in range(n); with `work` (a CPU tensor count) spread over torch's threads, each i on one thread."
-    w = min(torch.get_num_threads(), n) if work is not None and work >= 2**18 else 1
+    "Call `fn(i)` for i in range(n); given `work` (entries, on a CPU), spread over up to torch's thread count, each i on one thread."
+    w = 1 if work is None else min(torch.get_num_threads(), n, work >> 17)  # at least 128K entries per thread
     if w < 2:
         for i in range(n): fn(i)
         return
-    errors = []
-    def run(j):
-        try:
-            with torch.no_grad():  # grad mode is per thread
-                for i in range(j, n, w): fn(i)
-        except BaseException as e: errors.append(e)
-    threads = [threading.Thread(target=run, args=(j,), daemon=True) for j in range(1, w)]
-    for t in threads: t.start()
-    run(0)
-    for t in threads: t.join()
-    if errors: raise errors[0]
+    pool = _helpers.get(w - 1) or _helpers.setdefault(w - 1, ThreadPoolExecutor(w - 1, thread_name_prefix='so-step'))
+    inference = torch.is_inference_mode_enabled()
+    def part(j):
+        with torch.inference_mode(inference), torch.no_grad():  # inference and grad mode are per thread
+            for i in range(j, n, w): fn(i)
+    helpers = [pool.submit(part, j) for j in range(1, w)]
+    try: part(0)
+    finally: errors = [h.exception() for h in helpers]  # wait for every part before anything is raised
+    for e in errors:
+        if e is not None: raise e
 
 # %% ../nbs/04_optim.ipynb #e83efaec
 def _sorted_each(xs, ns):

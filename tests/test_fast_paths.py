@@ -74,6 +74,33 @@ def test_each_runs_every_index_once_on_threads():
         def bad(i):
             if i == 7: raise KeyError('seven')
         with pytest.raises(KeyError, match='seven'): _each(bad, 40, work=2**20)
+        seen.clear(); names.clear(); _each(fn, 40, work=2**17)  # too little work for a second thread
+        assert seen == list(range(40)) and names == {threading.current_thread().name}
+        with torch.inference_mode():
+            inside = []; _each(lambda i: inside.append(torch.is_inference_mode_enabled()), 4, work=2**20)
+        assert inside == [True] * 4
+    finally: torch.set_num_threads(old)
+
+def test_each_in_a_forked_child():
+    "A forked child has none of the parent's helper threads: _each must make its own instead of waiting forever."
+    import os, time
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _each(lambda i: None, 4, work=2**20)  # the parent's pool exists
+        pid = os.fork()
+        if pid == 0:
+            out = []
+            _each(out.append, 4, work=2**20)
+            os._exit(0 if sorted(out) == [0, 1, 2, 3] else 3)
+        for _ in range(200):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done: break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9); os.waitpid(pid, 0)
+            pytest.fail('_each hung in a forked child')
+        assert os.waitstatus_to_exitcode(status) == 0
     finally: torch.set_num_threads(old)
 
 def test_top_k_blocks_take_numpys_partition_unless_tied(monkeypatch):
