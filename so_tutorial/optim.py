@@ -451,7 +451,7 @@ def _top_k_rows(score, k):
 
 # %% ../nbs/04_optim.ipynb #a1e0c5d5
 def _top_k_blocks(score, blocks):
-    "The masks of `_top_k_rows` for each block (first slot, end, k) of `score`, in one bool tensor."
+    "The masks of `_top_k_rows` for each block (first slot, end, k) of `score` (numbers, no NaN), in one bool tensor."
     keep = torch.empty(score.shape, dtype=torch.bool, device=score.device)
     def one(j):
         a, b, k = blocks[j]
@@ -467,7 +467,10 @@ def _top_k_blocks(score, blocks):
 # %% ../nbs/04_optim.ipynb #d55d25c1
 def _kept_slots(keep, K, slot_ids):
     "Positions of the K kept slots, in slot order (`keep` holds exactly K True)."
-    if _cpu_eager(keep): return keep.nonzero().view(-1)  # no device to wait for: the count is known at once
+    if _cpu_eager(keep):  # no device to wait for: the count is known at once
+        src = keep.nonzero().view(-1)
+        if src.numel() != K: raise RuntimeError(f"SO's prune kept {src.numel()} slots instead of {K}: please report this")
+        return src
     kept = keep.view(torch.uint8)
     it = torch.int32 if keep.numel() < 2**31 else torch.int64  # 32-bit integer arithmetic is several times faster
     dest = ((torch.cumsum(kept, 0, dtype=it) - (K + 1)) & -kept.to(it)) + K  # a kept slot: its rank among the kept; the others: K
@@ -645,18 +648,19 @@ def support(self:SO, p):
 # %% ../nbs/04_optim.ipynb #0a3b5c27
 @patch
 def register_score_hook(self:SO, hook):
-    "Prune by `hook(opt, param, keys, live, in_M, m, v)` (a score per candidate slot, >= 0) instead of |m| on the live slots."
+    "Prune by `hook(opt, param, keys, live, in_M, m, v)` (a score per candidate slot, >= 0; NaN counts as 0) instead of |m| on the live slots."
     handle = RemovableHandle(self._score_hooks)
     self._score_hooks[handle.id] = hook
     return handle
 
 @patch
 def _run_score_hooks(self:SO, pk, c, live, m, v, score):
-    "Overwrite, per tensor, the scores of its live slots with those of the hooks (in order), clamped at 0."
+    "Overwrite, per tensor, the scores of its live slots with those of the hooks (in order), clamped at 0, NaN as 0."
     xs = (c.local, live, c.in_M, m, v, score)
     for p, keys, lv, in_M, mm, vv, s in zip(pk.params, *(x.split(pk.widths) for x in xs)):
         for hook in self._score_hooks.values():
-            s.copy_(torch.where(lv, hook(self, p, keys, lv, in_M, mm, vv).to(s.dtype).clamp_min(0), s))
+            h = hook(self, p, keys, lv, in_M, mm, vv).to(s.dtype)
+            s.copy_(torch.where(lv & ~h.isnan(), h.clamp_min(0), torch.where(lv, 0.0, s)))  # every score stays a number
 
 # %% ../nbs/04_optim.ipynb #295acc95
 @patch
