@@ -6,7 +6,8 @@
 __all__ = ['Candidates', 'SO']
 
 # %% ../nbs/04_optim.ipynb #dad4c98a
-import warnings, itertools, types, threading, torch, numpy as np
+import os, warnings, itertools, types, torch, numpy as np
+from concurrent.futures import ThreadPoolExecutor
 from collections import namedtuple, OrderedDict
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
@@ -130,23 +131,25 @@ def _gather_into(out, t, idx):
 # %% ../nbs/04_optim.ipynb #a1e0c5d2
 def _cpu_eager(t): return t.device.type == 'cpu' and not torch.compiler.is_compiling()
 
+_helpers = {}  # number of helper threads -> a pool of them, made on first use
+os.register_at_fork(after_in_child=_helpers.clear)  # a forked child has none of its parent's threads: it makes its own
+
 def _each(fn, n, work=None):
-    "Call `fn(i)` for i in range(n); with `work` (a CPU tensor count) spread over torch's threads, each i on one thread."
-    w = min(torch.get_num_threads(), n) if work is not None and work >= 2**18 else 1
+    "Call `fn(i)` for i in range(n); given `work` (entries, on a CPU), spread over up to torch's thread count, each i on one thread."
+    w = 1 if work is None else min(torch.get_num_threads(), n, work >> 17)  # at least 128K entries per thread
     if w < 2:
         for i in range(n): fn(i)
         return
-    errors = []
-    def run(j):
-        try:
-            with torch.no_grad():  # grad mode is per thread
-                for i in range(j, n, w): fn(i)
-        except BaseException as e: errors.append(e)
-    threads = [threading.Thread(target=run, args=(j,), daemon=True) for j in range(1, w)]
-    for t in threads: t.start()
-    run(0)
-    for t in threads: t.join()
-    if errors: raise errors[0]
+    pool = _helpers.get(w - 1) or _helpers.setdefault(w - 1, ThreadPoolExecutor(w - 1, thread_name_prefix='so-step'))
+    inference = torch.is_inference_mode_enabled()
+    def part(j):
+        with torch.inference_mode(inference), torch.no_grad():  # inference and grad mode are per thread
+            for i in range(j, n, w): fn(i)
+    helpers = [pool.submit(part, j) for j in range(1, w)]
+    try: part(0)
+    finally: errors = [h.exception() for h in helpers]  # wait for every part before anything is raised
+    for e in errors:
+        if e is not None: raise e
 
 # %% ../nbs/04_optim.ipynb #e83efaec
 def _sorted_each(xs, ns):
@@ -448,7 +451,7 @@ def _top_k_rows(score, k):
 
 # %% ../nbs/04_optim.ipynb #a1e0c5d5
 def _top_k_blocks(score, blocks):
-    "The masks of `_top_k_rows` for each block (first slot, end, k) of `score`, in one bool tensor."
+    "The masks of `_top_k_rows` for each block (first slot, end, k) of `score` (numbers, no NaN), in one bool tensor."
     keep = torch.empty(score.shape, dtype=torch.bool, device=score.device)
     def one(j):
         a, b, k = blocks[j]
@@ -464,7 +467,10 @@ def _top_k_blocks(score, blocks):
 # %% ../nbs/04_optim.ipynb #d55d25c1
 def _kept_slots(keep, K, slot_ids):
     "Positions of the K kept slots, in slot order (`keep` holds exactly K True)."
-    if _cpu_eager(keep): return keep.nonzero().view(-1)  # no device to wait for: the count is known at once
+    if _cpu_eager(keep):  # no device to wait for: the count is known at once
+        src = keep.nonzero().view(-1)
+        if src.numel() != K: raise RuntimeError(f"SO's prune kept {src.numel()} slots instead of {K}: please report this")
+        return src
     kept = keep.view(torch.uint8)
     it = torch.int32 if keep.numel() < 2**31 else torch.int64  # 32-bit integer arithmetic is several times faster
     dest = ((torch.cumsum(kept, 0, dtype=it) - (K + 1)) & -kept.to(it)) + K  # a kept slot: its rank among the kept; the others: K
@@ -642,18 +648,19 @@ def support(self:SO, p):
 # %% ../nbs/04_optim.ipynb #0a3b5c27
 @patch
 def register_score_hook(self:SO, hook):
-    "Prune by `hook(opt, param, keys, live, in_M, m, v)` (a score per candidate slot, >= 0) instead of |m| on the live slots."
+    "Prune by `hook(opt, param, keys, live, in_M, m, v)` (a score per candidate slot, >= 0; NaN counts as 0) instead of |m| on the live slots."
     handle = RemovableHandle(self._score_hooks)
     self._score_hooks[handle.id] = hook
     return handle
 
 @patch
 def _run_score_hooks(self:SO, pk, c, live, m, v, score):
-    "Overwrite, per tensor, the scores of its live slots with those of the hooks (in order), clamped at 0."
+    "Overwrite, per tensor, the scores of its live slots with those of the hooks (in order), clamped at 0, NaN as 0."
     xs = (c.local, live, c.in_M, m, v, score)
     for p, keys, lv, in_M, mm, vv, s in zip(pk.params, *(x.split(pk.widths) for x in xs)):
         for hook in self._score_hooks.values():
-            s.copy_(torch.where(lv, hook(self, p, keys, lv, in_M, mm, vv).to(s.dtype).clamp_min(0), s))
+            h = hook(self, p, keys, lv, in_M, mm, vv).to(s.dtype)
+            s.copy_(torch.where(lv & ~h.isnan(), h.clamp_min(0), torch.where(lv, 0.0, s)))  # every score stays a number
 
 # %% ../nbs/04_optim.ipynb #295acc95
 @patch
