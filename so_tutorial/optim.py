@@ -112,21 +112,18 @@ def _at(layout, idx):
     return pos
 
 # %% ../nbs/04_optim.ipynb #f39b400b
-def _gather(t, idx):
-    "Entries of `t` at the flat indices `idx`."
+def _gather(t, idx, out=None):
+    "Entries of `t` at the flat indices `idx` (written into `out`, converted to its dtype, when given)."
     flat, layout = _flat(t)
-    return flat.index_select(0, _at(layout, idx))
+    pos = _at(layout, idx)
+    if out is None: return flat.index_select(0, pos)
+    if flat.dtype == out.dtype: return torch.index_select(flat, 0, pos, out=out)
+    return out.copy_(flat.index_select(0, pos))
 
 def _add_at(t, idx, values):
     "Add `values` to the entries of `t` at the flat indices `idx` (repeated indices add up)."
     flat, layout = _flat(t)
     flat.scatter_add_(0, _at(layout, idx), values if values.dtype == flat.dtype else values.to(flat.dtype))
-
-def _gather_into(out, t, idx):
-    "Write the entries of `t` at the flat indices `idx` into `out` (converted to its dtype)."
-    flat, layout = _flat(t)
-    if flat.dtype == out.dtype: torch.index_select(flat, 0, _at(layout, idx), out=out)
-    else: out.copy_(flat.index_select(0, _at(layout, idx)))
 
 # %% ../nbs/04_optim.ipynb #a1e0c5d2
 def _cpu_eager(t): return t.device.type == 'cpu' and not torch.compiler.is_compiling()
@@ -134,9 +131,13 @@ def _cpu_eager(t): return t.device.type == 'cpu' and not torch.compiler.is_compi
 _helpers = {}  # number of helper threads -> a pool of them, made on first use
 os.register_at_fork(after_in_child=_helpers.clear)  # a forked child has none of its parent's threads: it makes its own
 
-def _each(fn, n, work=None):
-    "Call `fn(i)` for i in range(n); given `work` (entries, on a CPU), spread over up to torch's thread count, each i on one thread."
-    w = 1 if work is None else min(torch.get_num_threads(), n, work >> 17)  # at least 128K entries per thread
+def _threads(t):
+    "How many threads work that scales with `t` gets: one per 128K entries, up to torch's count, on a CPU outside compile."
+    return max(1, min(torch.get_num_threads(), t.numel() >> 17)) if _cpu_eager(t) else 1
+
+def _each(fn, n, like=None):
+    "Call `fn(i)` for i in range(n), spread over `_threads(like)` threads (none without `like`), each i on one thread."
+    w = 1 if like is None else min(n, _threads(like))
     if w < 2:
         for i in range(n): fn(i)
         return
@@ -161,12 +162,16 @@ def _sorted_each(xs, ns):
     return list(((torch.cat(xs) + off).sort().values - off).split(sizes))
 
 # %% ../nbs/04_optim.ipynb #3e4bbb44
+def _halfway(ends):
+    "The one of `ends` (increasing, the last one the total) nearest half the total."
+    return min(ends, key=lambda a: abs(2 * a - ends[-1]))
+
 def _sort_apart(x, cut):
     "`x.sort(stable=True)` for `x` whose values before `cut` all lie below those from `cut` on; on a CPU both parts at once."
-    if not 0 < cut < x.numel() or not _cpu_eager(x) or torch.get_num_threads() < 2: return x.sort(stable=True)
+    if not 0 < cut < x.numel() or _threads(x) < 2: return x.sort(stable=True)
     parts = [x[:cut], x[cut:]]
     def one(j): parts[j] = parts[j].sort(stable=True)
-    _each(one, 2, x.numel())
+    _each(one, 2, like=x)
     (v0, o0), (v1, o1) = parts
     return torch.cat([v0, v1]), torch.cat([o0, o1 + cut])
 
@@ -187,7 +192,7 @@ def _fast_supports(ns, ks, generator=None):
     if idx:
         lens, kk = torch.tensor(starts).diff(), torch.tensor([ks[i] for i in idx])
         offs = torch.tensor(offs[:-1])
-        sk, order = _sort_apart(keys, min(starts, key=lambda a: abs(2 * a - starts[-1])))
+        sk, order = _sort_apart(keys, _halfway(starts))
         new = torch.ones_like(sk, dtype=torch.bool); new[1:] = sk[1:] != sk[:-1]
         first = torch.empty_like(new).scatter_(0, order, new)  # first appearance of each value, in draw order
         cs = first.cumsum(0)
@@ -277,7 +282,7 @@ class _Pack:
         for k, same in itertools.groupby(self.ks):
             b = a + 2 * k * len(list(same)); self.blocks.append((a, b, k)); a = b
         self.slot_ids = torch.arange(2 * K, device=dev)
-        self.cut = min(itertools.accumulate(self.ks), key=lambda a: abs(2 * a - K))  # a tensor boundary near K / 2
+        self.cut = _halfway(list(itertools.accumulate(self.ks)))  # a tensor boundary near K / 2
         self._adopt(opt)
         self.cand = None  # the candidate slots of the current refresh period
 
@@ -313,13 +318,13 @@ def _merge_order(M, S, cut=0):
     "`torch.cat([M, S]).argsort(stable=True)` for sorted M and S; on a CPU numpy's linear merge, in two parts at once when `cut` is a key boundary of both."
     K = M.numel()
     if not _cpu_eager(M): return torch.cat([M, S]).argsort(stable=True)
-    parts = [(0, cut), (cut, K)] if 0 < cut < K and torch.get_num_threads() > 1 else [(0, K)]
+    parts = [(0, cut), (cut, K)] if 0 < cut < K and _threads(M) > 1 else [(0, K)]
     def one(j):
         a, b = parts[j]
         o = np.concatenate([M[a:b].numpy(), S[a:b].numpy()]).argsort(kind='stable')
         o += (o >= b - a) * (K - b + a) + a  # M[a + i] is slot a + i of cat([M, S]), S[a + i] is K + a + i
         parts[j] = o
-    _each(one, len(parts), 2 * K)
+    _each(one, len(parts), like=M)
     return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts)).to(torch.int64)
 
 def _merge(M, S, cut=0):
@@ -356,16 +361,16 @@ def candidates(self:_Pack):
 @patch
 def _grad_at_support(self:SO, pk, wd):
     "The gradient (plus L2 weight decay) of every tensor of `pk` at its support, followed by a 0."
-    S, given, g, work = pk.S_views, self._sparse_grads, pk.g[:pk.K], (pk.K if _cpu_eager(pk.g) else None)
+    S, given, g = pk.S_views, self._sparse_grads, pk.g[:pk.K]
     def grad(i):
         p = pk.params[i]
         if p in given: pk.g_views[i].copy_(given[p])
-        else: _gather_into(pk.g_views[i], p.grad, S[i])
-    _each(grad, len(S), work)
+        else: _gather(p.grad, S[i], out=pk.g_views[i])
+    _each(grad, len(S), like=g)
     if wd:
         w = torch.empty_like(g)
         ws = w.split(pk.ks)
-        _each(lambda i: _gather_into(ws[i], pk.params[i], S[i]), len(S), work)
+        _each(lambda i: _gather(pk.params[i], S[i], out=ws[i]), len(S), like=g)
         g.add_(w * wd)
     return pk.g
 
@@ -382,7 +387,7 @@ def _bias_corrections(self:SO, pk, group):
 
 # %% ../nbs/04_optim.ipynb #8c8967a3
 def _finite_per_tensor(g, pk):
-    "One bool per tensor of the pack: are its gradient values at S, and their squares, all finite?"
+    "One bool per tensor of the pack: are its gradient values at S, and their squares, all finite? None: all are (a CPU knows at once)."
     if _cpu_eager(g) and torch.dot(g, g).isfinite(): return None  # on a CPU a finite sum of squares says: all finite
     nan = (g * g).mul_(0)  # 0 where g and g * g are finite, NaN elsewhere
     return nan.new_zeros(len(pk.params)).index_add_(0, pk.tensor_of_S, nan) == 0
@@ -414,22 +419,24 @@ def _update(self:SO, pk, group):
     bc2, step = self._bias_corrections(pk, group)
     gS = self._grad_at_support(pk, wd)
     ok = _finite_per_tensor(gS[:K], pk)
+    ok_slot = None
     if ok is not None:
         self._note_skips(ok, pk.params)
         gS[:K] = torch.where(ok.index_select(0, pk.tensor_of_S), gS[:K], 0.0)  # a skipped tensor reads zeros: all stays finite
+        ok_slot = pk.per_slot(ok)
     c = pk.candidates()
     g = gS.index_select(0, c.g_src)
     m = (c.m * b1).add_(g * (1 - b1))
     v = (c.v * b2).add_((g * g).mul_(1 - b2))
-    ok_slot = None if ok is None else pk.per_slot(ok)
-    live = (c.in_M | c.in_S) if ok is None else (c.in_M | c.in_S) & ok_slot
+    live = c.in_M | c.in_S
+    if ok_slot is not None: live &= ok_slot
     live_f = _as_float(live, m.dtype)
     denom = (v / bc2).sqrt_().add_(eps)
     if eps == 0: denom.add_(1 - live_f)  # a slot that is not alive has m = v = 0: avoid 0 / 0
     delta = (m / denom).mul_(step * live_f)  # not alive or skipped: exactly 0 (every value here is finite)
     idx, ds = c.local.split(pk.widths), delta.split(pk.widths)
-    _each(lambda j: _add_at(pk.params[j], idx[j], ds[j]), len(ds), 2 * K if _cpu_eager(delta) else None)
-    return c, m, v, live, live_f, ok_slot
+    _each(lambda j: _add_at(pk.params[j], idx[j], ds[j]), len(ds), like=delta)
+    return c, m, v, live, ok_slot
 
 # %% ../nbs/04_optim.ipynb #9db2c49e
 def _order_keys(score):
@@ -452,16 +459,16 @@ def _top_k_rows(score, k):
 # %% ../nbs/04_optim.ipynb #a1e0c5d5
 def _top_k_blocks(score, blocks):
     "The masks of `_top_k_rows` for each block (first slot, end, k) of `score` (numbers, no NaN), in one bool tensor."
-    keep = torch.empty(score.shape, dtype=torch.bool, device=score.device)
+    keep, cpu = torch.empty(score.shape, dtype=torch.bool, device=score.device), _cpu_eager(score)
     def one(j):
         a, b, k = blocks[j]
         x, out = score[a:b].view(-1, 2 * k), keep[a:b].view(-1, 2 * k)
-        if _cpu_eager(score):  # numpy's partition finds the k-th largest score; when it is unique, the k largest are those >= it
+        if cpu:  # numpy's partition finds the k-th largest score; when it is unique, the k largest are those >= it
             xn, on = x.numpy(), out.numpy()
             np.greater_equal(xn, np.partition(xn, k, axis=1)[:, k:k + 1], out=on)
             if (on.sum(1) == k).all(): return
         out.copy_(_top_k_rows(x, k))
-    _each(one, len(blocks), score.numel() if _cpu_eager(score) else None)
+    _each(one, len(blocks), like=score)
     return keep
 
 # %% ../nbs/04_optim.ipynb #d55d25c1
@@ -478,7 +485,7 @@ def _kept_slots(keep, K, slot_ids):
 
 # %% ../nbs/04_optim.ipynb #37891321
 @patch
-def _prune(self:SO, pk, c, m, v, live, live_f, ok_slot):
+def _prune(self:SO, pk, c, m, v, live, ok_slot):
     "Keep the k largest |m| of each tensor as its new M, in the slots and in the compact state."
     K = pk.K
     score = torch.where(live, m.abs(), _as_float(c.in_M, m.dtype) - 1)  # not alive: -1; a skipped tensor's M: 0
@@ -659,8 +666,8 @@ def _run_score_hooks(self:SO, pk, c, live, m, v, score):
     xs = (c.local, live, c.in_M, m, v, score)
     for p, keys, lv, in_M, mm, vv, s in zip(pk.params, *(x.split(pk.widths) for x in xs)):
         for hook in self._score_hooks.values():
-            h = hook(self, p, keys, lv, in_M, mm, vv).to(s.dtype)
-            s.copy_(torch.where(lv & ~h.isnan(), h.clamp_min(0), torch.where(lv, 0.0, s)))  # every score stays a number
+            h = hook(self, p, keys, lv, in_M, mm, vv).to(s.dtype).nan_to_num(0.0, torch.inf, -torch.inf)  # scores stay numbers
+            s.copy_(torch.where(lv, h.clamp_min(0), s))
 
 # %% ../nbs/04_optim.ipynb #295acc95
 @patch

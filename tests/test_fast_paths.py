@@ -67,17 +67,17 @@ def test_each_runs_every_index_once_on_threads():
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _each(fn, 40, work=2**20)
+        _each(fn, 40, like=torch.empty(2**20))
         assert sorted(seen) == list(range(40)) and len(names) == 2 and not any(grad_on)
-        seen.clear(); names.clear(); _each(fn, 40, work=None)  # no work given (a GPU, or compiling): one thread
+        seen.clear(); names.clear(); _each(fn, 40)  # nothing to size the work by (a GPU, or compiling): one thread
         assert seen == list(range(40)) and names == {threading.current_thread().name}
         def bad(i):
             if i == 7: raise KeyError('seven')
-        with pytest.raises(KeyError, match='seven'): _each(bad, 40, work=2**20)
-        seen.clear(); names.clear(); _each(fn, 40, work=2**17)  # too little work for a second thread
+        with pytest.raises(KeyError, match='seven'): _each(bad, 40, like=torch.empty(2**20))
+        seen.clear(); names.clear(); _each(fn, 40, like=torch.empty(2**17))  # too little work for a second thread
         assert seen == list(range(40)) and names == {threading.current_thread().name}
         with torch.inference_mode():
-            inside = []; _each(lambda i: inside.append(torch.is_inference_mode_enabled()), 4, work=2**20)
+            inside = []; _each(lambda i: inside.append(torch.is_inference_mode_enabled()), 4, like=torch.empty(2**20))
         assert inside == [True] * 4
     finally: torch.set_num_threads(old)
 
@@ -87,11 +87,11 @@ def test_each_in_a_forked_child():
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _each(lambda i: None, 4, work=2**20)  # the parent's pool exists
+        _each(lambda i: None, 4, like=torch.empty(2**20))  # the parent's pool exists
         pid = os.fork()
         if pid == 0:
             out = []
-            _each(out.append, 4, work=2**20)
+            _each(out.append, 4, like=torch.empty(2**20))
             os._exit(0 if sorted(out) == [0, 1, 2, 3] else 3)
         for _ in range(200):
             done, status = os.waitpid(pid, os.WNOHANG)
